@@ -1,0 +1,147 @@
+"""Configs: YAML files (omegaconf) + command-line overrides, validated against the YAML itself.
+
+    cfg = load_config("recipes/grpo.yaml", ["actor.lr=1e-5", "data.train=my.parquet"])
+
+- A YAML may start from others: ``defaults: [base.yaml]`` (paths relative to the file), merged
+  in order, then the file's own keys on top.
+- The merged YAML is the schema: an override of a key that does not exist is a
+  :class:`ConfigError` listing the nearest valid keys (prefix ``+`` to add a new key on
+  purpose: ``+reward.kwargs.scale=2``); a value that cannot take the type of the default
+  (``actor.lr=fast``) is an error too.
+- ``--config PATH`` on the command line replaces the default YAML.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from typing import Any, Iterable
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value; the message names it."""
+
+
+def _load_yaml(path: str, seen: tuple = ()) -> DictConfig:
+    path = os.path.abspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    if path in seen:
+        raise ConfigError(f"config file {path} includes itself through 'defaults'")
+    try:
+        cfg = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    bases = cfg.pop("defaults", None) or []
+    merged = OmegaConf.create({})
+    for base in bases:
+        merged = OmegaConf.merge(merged, _load_yaml(os.path.join(os.path.dirname(path), str(base)), seen + (path,)))
+    return OmegaConf.merge(merged, cfg)
+
+
+def all_keys(cfg: Any, prefix: str = "") -> list[str]:
+    """Dotted names of every leaf and node of a config."""
+    keys = []
+    if isinstance(cfg, DictConfig):
+        for key in cfg.keys():
+            name = f"{prefix}{key}"
+            keys.append(name)
+            keys.extend(all_keys(cfg._get_node(key), name + "."))
+    return keys
+
+
+def _coerce(default: Any, value: Any, key: str) -> Any:
+    """Give an override the type of the default it replaces (YAML reads ``1e-5`` as a string)."""
+    if default is None or value is None or isinstance(default, (DictConfig, ListConfig, dict, list)):
+        return value
+    kind = type(default)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    try:
+        if kind is bool:
+            text = str(value).lower()
+            if text in ("true", "1", "yes"):
+                return True
+            if text in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if kind is float:
+            return float(value)
+        if kind is int:
+            as_float = float(value)
+            if as_float != int(as_float):
+                raise ValueError
+            return int(as_float)
+        if kind is str:
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    raise ConfigError(f"config key {key!r}: {value!r} is not a valid {kind.__name__} "
+                      f"(the default is {default!r})")
+
+
+def apply_overrides(cfg: DictConfig, overrides: Iterable[str], source: str = "command line") -> DictConfig:
+    """Apply ``key=value`` overrides to ``cfg`` (validated; see module docstring)."""
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg))
+    known = all_keys(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} ({source}) must look like key=value")
+        key, raw = item.split("=", 1)
+        add = key.startswith("+")
+        key = key.lstrip("+")
+        value = yaml.safe_load(raw) if raw != "" else ""
+        if not add and key not in known:
+            raise ConfigError(unknown_key_message(key, known, source))
+        if not add:
+            value = _coerce(OmegaConf.select(cfg, key), value, key)
+        OmegaConf.update(cfg, key, value, force_add=add)
+    return cfg
+
+
+def unknown_key_message(key: str, known: list[str], source: str) -> str:
+    nearest = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    siblings = [k for k in known if k.startswith(parent + ".") and "." not in k[len(parent) + 1:]] if parent \
+        else [k for k in known if "." not in k]
+    msg = f"unknown config key {key!r} ({source})."
+    if nearest:
+        msg += f" Did you mean: {', '.join(nearest)}?"
+    if siblings:
+        msg += f" Valid keys{' under ' + repr(parent) if parent else ''}: {', '.join(siblings)}."
+    return msg + " Prefix the key with '+' to add a new one."
+
+
+def load_config(path: str | None = None, overrides: Iterable[str] = (), *, base: dict | None = None) -> DictConfig:
+    """Load a YAML (or start from ``base``) and apply validated overrides."""
+    cfg = _load_yaml(path) if path else OmegaConf.create(base or {})
+    return apply_overrides(cfg, list(overrides))
+
+
+def parse_cli(argv: list[str], default_config: str) -> DictConfig:
+    """``[--config PATH] key=value ...`` → validated config (what recipes call on sys.argv[1:])."""
+    argv, path = list(argv), default_config
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise ConfigError("--config needs a path")
+        path = argv[i + 1]
+        del argv[i:i + 2]
+    for item in argv:
+        if item.startswith("-") and not item.startswith("+"):
+            raise ConfigError(f"unknown option {item!r}; use key=value overrides or --config PATH")
+    return load_config(path, argv)
+
+
+def require_choice(cfg: DictConfig, key: str, choices: Iterable[str]) -> str:
+    """The value at ``key`` if it is one of ``choices``, else a ConfigError naming the key."""
+    value, choices = OmegaConf.select(cfg, key), list(choices)
+    if value not in choices:
+        nearest = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f" Did you mean {nearest[0]!r}?" if nearest else ""
+        raise ConfigError(f"config key {key!r}: {value!r} is not one of {choices}.{hint}")
+    return value

@@ -1,0 +1,95 @@
+"""Worker: the base class of everything that runs on a rank.
+
+A worker knows its place from the environment the executor set before constructing it
+(``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), so the same worker
+code runs under the in-process executor and under Ray. Subclasses mark controller-callable
+methods with ``@register`` and, if they are model-parallel, declare their data-parallel position
+with :meth:`Worker.set_dispatch_info` for ``Dispatch.MESH_PROTO``.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from hybridflow.futures import resolve_arg
+from hybridflow.protocol import PAD_KEY, DataProto
+
+DEFAULT_COLLECTIVE_TIMEOUT_S = float(os.environ.get("HYBRIDFLOW_COLLECTIVE_TIMEOUT_S", 600))
+
+
+class Worker:
+    """Base class for workers. Attributes: ``rank``, ``world_size``, ``local_rank``, ``device``."""
+
+    def __init__(self) -> None:
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self._dispatch_info: dict[str, tuple[int, int, bool]] = {}
+
+    @property
+    def device(self) -> torch.device:
+        """``cuda:<local_rank>`` when a GPU is visible, else ``cpu``."""
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def init_distributed(self, backend: str | None = None, timeout_s: float | None = None) -> None:
+        """Join the default process group (idempotent; colocated workers share it).
+
+        Backend: nccl when a GPU is visible, else gloo. A collective that waits longer than
+        ``timeout_s`` (default ``HYBRIDFLOW_COLLECTIVE_TIMEOUT_S`` = 600 s) raises instead of hanging.
+        """
+        if dist.is_initialized():
+            return
+        if torch.cuda.is_available():
+            torch.cuda.set_device(self.local_rank % torch.cuda.device_count())
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            if self.world_size > 1:
+                raise RuntimeError("init_distributed: MASTER_PORT is not set for a multi-rank group")
+            os.environ["MASTER_PORT"] = str(free_port())
+        dist.init_process_group(
+            backend=backend or ("nccl" if torch.cuda.is_available() else "gloo"),
+            rank=self.rank, world_size=self.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s or DEFAULT_COLLECTIVE_TIMEOUT_S))
+
+    # ------------------------------------------------------------------ dispatch info
+    def set_dispatch_info(self, mesh: str, dp_rank: int, dp_size: int, collect: bool) -> None:
+        """Declare this rank's data-parallel position for ``@register(dispatch=MESH_PROTO, mesh=mesh)``:
+        ranks with the same ``dp_rank`` receive the same chunk; only ``collect=True`` ranks answer."""
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"set_dispatch_info({mesh!r}): dp_rank {dp_rank} not in [0, {dp_size})")
+        self._dispatch_info[mesh] = (dp_rank, dp_size, collect)
+
+    def get_dispatch_info(self, mesh: str) -> tuple[int, int, bool]:
+        """Declared ``(dp_rank, dp_size, collect)``; by default every rank is its own dp rank."""
+        return self._dispatch_info.get(mesh, (self.rank, self.world_size, True))
+
+    # ------------------------------------------------------------------ executor entry point
+    def _hybridflow_call(self, method: str, args: tuple, kwargs: dict) -> Any:
+        """Run a registered method: resolve futures, hide runtime padding tags, tag the output."""
+        args = tuple(resolve_arg(a) for a in args)
+        kwargs = {k: resolve_arg(v) for k, v in kwargs.items()}
+        pad, rows_in = 0, 0
+        for value in list(args) + list(kwargs.values()):
+            if isinstance(value, DataProto) and PAD_KEY in value.meta_info:
+                pad, rows_in = value.meta_info.pop(PAD_KEY), len(value)
+        output = getattr(self, method)(*args, **kwargs)
+        if pad and isinstance(output, DataProto):
+            if len(output) % rows_in:
+                raise RuntimeError(f"{type(self).__name__}.{method}: got a padded chunk of {rows_in} rows and "
+                                   f"returned {len(output)} rows; a DP method must return k rows per input row")
+            output.meta_info[PAD_KEY] = pad * (len(output) // rows_in)
+        return output
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
