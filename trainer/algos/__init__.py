@@ -1,0 +1,77 @@
+"""Algorithm pieces for RL post-training: small pure torch functions, registered by name.
+
+A config names each piece (``algorithm.adv_estimator: grpo``, ``actor.policy_loss: vanilla``,
+``actor.kl_loss_type: k3``, ``actor.loss_agg_mode: token-mean``) and the trainer looks it up:
+
+* advantages:      ``get_advantage(name)(token_level_rewards, response_mask, *, index=None,
+  values=None, **cfg) -> (advantages, returns)``; built in: ``gae``, ``grpo``.
+* policy losses:   ``get_policy_loss(name)(old_log_prob, log_prob, advantages, response_mask,
+  *, loss_agg_mode="token-mean", **cfg) -> (loss, metrics)``; built in: ``vanilla``/``ppo``.
+* KL penalties:    ``kl_penalty(log_prob, ref_log_prob, kind)``; ``k1``, ``k2``, ``k3``, ``abs``
+  (+ aliases ``kl``, ``mse``, ``low_var_kl``).
+* aggregation:     ``agg_loss(loss_mat, mask, mode, norm_constant=None)``.
+
+Conventions: tensors are ``[B, R]`` over response tokens, zero outside ``response_mask``;
+metrics dicts map ``"<role>/<name>"`` to **detached 0-d tensors** (call ``float()`` to log).
+Unknown names raise :class:`RegistryKeyError` (both a ``KeyError`` and a ``ValueError``)
+listing the registered names and the closest matches.
+
+Add your own::
+
+    from hybridflow.trainer.algos import register_advantage
+
+    @register_advantage("my_adv")
+    def my_adv(token_level_rewards, response_mask, *, index=None, values=None, **cfg):
+        ...
+        return advantages, returns
+"""
+from .advantages import ADVANTAGES, gae_advantage, get_advantage, grpo_advantage, register_advantage
+from .aggregation import AGG_MODES, agg_loss, agg_loss_modes, register_agg_mode
+from .kl import (
+    KL_PENALTIES,
+    AdaptiveKLController,
+    FixedKLController,
+    apply_kl_penalty_to_reward,
+    kl_penalty,
+    make_kl_controller,
+    register_kl_penalty,
+)
+from .masked import masked_mean, masked_sum, masked_var, masked_whiten
+from .policy_losses import POLICY_LOSSES, get_policy_loss, ppo_clip_loss, register_policy_loss
+from .registry import Registry, RegistryKeyError
+from .value import entropy_from_logits, value_loss
+
+__all__ = [
+    # registries
+    "Registry",
+    "RegistryKeyError",
+    "ADVANTAGES",
+    "register_advantage",
+    "get_advantage",
+    "gae_advantage",
+    "grpo_advantage",
+    "POLICY_LOSSES",
+    "register_policy_loss",
+    "get_policy_loss",
+    "ppo_clip_loss",
+    "KL_PENALTIES",
+    "register_kl_penalty",
+    "kl_penalty",
+    "AGG_MODES",
+    "register_agg_mode",
+    "agg_loss",
+    "agg_loss_modes",
+    # KL in the reward and its coefficient
+    "apply_kl_penalty_to_reward",
+    "FixedKLController",
+    "AdaptiveKLController",
+    "make_kl_controller",
+    # critic / entropy
+    "value_loss",
+    "entropy_from_logits",
+    # masked helpers
+    "masked_sum",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+]
