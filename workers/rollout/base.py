@@ -1,0 +1,68 @@
+"""The rollout (generation) interface shared by every backend (HF now, vLLM later).
+
+Input ``prompts``: a TensorDict ``[B]`` with left-padded ``input_ids``, ``attention_mask`` and
+``position_ids`` ``[B, P]`` (docs/design/contracts.md).
+
+Output: a CPU TensorDict with ``B * n`` rows, the ``n`` samples of each prompt next to each other
+(``[p0, p0, p1, p1]`` for ``n = 2``), and the columns
+
+* ``prompts`` ``[B*n, P]``; ``responses`` ``[B*n, R]`` right-padded with ``pad_token_id`` to
+  ``R = max_new_tokens``; tokens after the first EOS are padding;
+* ``response_mask`` ``[B*n, R]`` (long) — 1 up to and including the first EOS;
+* ``input_ids = cat(prompts, responses)``, ``attention_mask = cat(prompt mask, response_mask)``,
+  ``position_ids = clamp(cumsum(attention_mask) - 1, 0)`` ``[B*n, P+R]``;
+* ``rollout_log_probs`` ``[B*n, R]`` float32 — ``log_softmax(raw logits / T)`` of the sampled token
+  (no top-k/top-p renormalisation; ``T = 1`` for greedy), 0 outside ``response_mask``.
+
+Sampling: ``do_sample=False`` or ``temperature == 0`` is greedy; ``top_k`` of 0 or -1 and
+``top_p == 1`` are off. ``seed`` (optional) makes sampling reproducible without touching the
+caller's global RNG state.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Optional, Sequence, Union
+
+import torch
+from tensordict import TensorDict
+
+__all__ = ["Rollout", "response_mask_from_eos", "finish_rollout_batch"]
+
+
+class Rollout(ABC):
+    """A generation backend. See the module docstring for the input/output contract."""
+
+    @abstractmethod
+    def generate(self, prompts: TensorDict, *, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
+                 top_k: int = -1, max_new_tokens: int, do_sample: bool = True,
+                 eos_token_id: Optional[Union[int, Sequence[int]]] = None, pad_token_id: Optional[int] = None,
+                 seed: Optional[int] = None) -> TensorDict:
+        """Sample ``n`` responses per prompt; returns the columns listed in the module docstring."""
+
+
+def response_mask_from_eos(responses: torch.Tensor, eos_token_ids: Sequence[int]) -> torch.Tensor:
+    """``[B, R]`` long mask: 1 on every token up to and including the first EOS of the row."""
+    is_eos = torch.isin(responses, torch.as_tensor(list(eos_token_ids), device=responses.device))
+    eos_before = is_eos.long().cumsum(-1) - is_eos.long()
+    return (eos_before == 0).long()
+
+
+def finish_rollout_batch(prompts: TensorDict, responses: torch.Tensor, rollout_log_probs: torch.Tensor,
+                         *, n: int, eos_token_ids: Sequence[int], pad_token_id: int) -> TensorDict:
+    """Assemble the output columns from the (un-repeated) prompts and the ``[B*n, R]`` sampled
+    tokens and their log-probs: masks after the first EOS, pads, builds the full sequence."""
+    prompt_ids = prompts["input_ids"].repeat_interleave(n, dim=0).cpu()
+    prompt_mask = prompts["attention_mask"].repeat_interleave(n, dim=0).cpu().long()
+    responses = responses.cpu()
+    mask = response_mask_from_eos(responses, eos_token_ids)
+    responses = torch.where(mask.bool(), responses, torch.full_like(responses, pad_token_id))
+    attention_mask = torch.cat([prompt_mask, mask], dim=1)
+    return TensorDict({
+        "prompts": prompt_ids,
+        "responses": responses,
+        "response_mask": mask,
+        "input_ids": torch.cat([prompt_ids, responses], dim=1),
+        "attention_mask": attention_mask,
+        "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
+        "rollout_log_probs": rollout_log_probs.cpu().float() * mask,
+    }, batch_size=[responses.shape[0]])
