@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from typing import Any, Iterable
 
 import yaml
@@ -37,9 +38,14 @@ def _load_yaml(path: str, seen: tuple = ()) -> DictConfig:
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     bases = cfg.pop("defaults", None) or []
+    if isinstance(bases, str):
+        bases = [bases]
     merged = OmegaConf.create({})
     for base in bases:
-        merged = OmegaConf.merge(merged, _load_yaml(os.path.join(os.path.dirname(path), str(base)), seen + (path,)))
+        base_path = os.path.join(os.path.dirname(path), str(base))
+        if not os.path.isfile(base_path):
+            raise ConfigError(f"config file {path}: its 'defaults' entry {str(base)!r} was not found at {base_path}")
+        merged = OmegaConf.merge(merged, _load_yaml(base_path, seen + (path,)))
     return OmegaConf.merge(merged, cfg)
 
 
@@ -56,9 +62,13 @@ def all_keys(cfg: Any, prefix: str = "") -> list[str]:
 
 def _coerce(default: Any, value: Any, key: str) -> Any:
     """Give an override the type of the default it replaces (YAML reads ``1e-5`` as a string)."""
+    if isinstance(default, (DictConfig, dict)) and not isinstance(value, dict):
+        raise ConfigError(f"config key {key!r} is a section; set its keys instead (e.g. {key}.<name>=...)")
     if default is None or value is None or isinstance(default, (DictConfig, ListConfig, dict, list)):
         return value
     kind = type(default)
+    if isinstance(value, bool) and kind in (int, float):
+        raise ConfigError(f"config key {key!r}: {value!r} is not a valid {kind.__name__} (the default is {default!r})")
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
     try:
@@ -84,17 +94,28 @@ def _coerce(default: Any, value: Any, key: str) -> Any:
                       f"(the default is {default!r})")
 
 
+_SCIENTIFIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def _parse_value(raw: str) -> Any:
+    """A command-line value read as YAML, with ``1e-5`` a float as omegaconf reads it in files."""
+    if raw == "":
+        return ""
+    value = yaml.safe_load(raw)
+    return float(value) if isinstance(value, str) and _SCIENTIFIC.match(value) else value
+
+
 def apply_overrides(cfg: DictConfig, overrides: Iterable[str], source: str = "command line") -> DictConfig:
     """Apply ``key=value`` overrides to ``cfg`` (validated; see module docstring)."""
     cfg = OmegaConf.create(OmegaConf.to_container(cfg))
-    known = all_keys(cfg)
     for item in overrides:
+        known = all_keys(cfg)
         if "=" not in item:
             raise ConfigError(f"override {item!r} ({source}) must look like key=value")
         key, raw = item.split("=", 1)
         add = key.startswith("+")
         key = key.lstrip("+")
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _parse_value(raw)
         if not add and key not in known:
             raise ConfigError(unknown_key_message(key, known, source))
         if not add:
@@ -125,6 +146,9 @@ def load_config(path: str | None = None, overrides: Iterable[str] = (), *, base:
 def parse_cli(argv: list[str], default_config: str) -> DictConfig:
     """``[--config PATH] key=value ...`` → validated config (what recipes call on sys.argv[1:])."""
     argv, path = list(argv), default_config
+    for i, item in enumerate(argv):
+        if item.startswith("--config="):
+            argv[i:i + 1] = ["--config", item.split("=", 1)[1]]
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):

@@ -27,6 +27,9 @@ from hybridflow.worker import free_port
 from hybridflow.worker_group import WorkerError, WorkerTimeoutError
 
 PLACEMENT_TIMEOUT_S = float(os.environ.get("HYBRIDFLOW_PLACEMENT_TIMEOUT_S", 120))
+# Building the workers (imports, model loading) has its own limit, separate from call timeouts.
+START_TIMEOUT_S = float(os.environ.get("HYBRIDFLOW_START_TIMEOUT_S", 1800))
+FORWARDED_ENV = ("HYBRIDFLOW_", "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
 class _Host:
@@ -56,7 +59,9 @@ def ensure_ray() -> None:
     if ray.is_initialized():
         return
     pythonpath = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
-    env = {"PYTHONPATH": pythonpath, "TOKENIZERS_PARALLELISM": "false"}
+    env = {"TOKENIZERS_PARALLELISM": "false"}
+    env.update({k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)})
+    env["PYTHONPATH"] = pythonpath
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env})
     else:
@@ -104,7 +109,14 @@ def spawn(pool, roles: dict) -> "RayHandle":
         env = {"RANK": str(rank), "WORLD_SIZE": str(pool.world_size), "LOCAL_RANK": "0",
                "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)}
         actors.append(host_cls.options(scheduling_strategy=strategy(rank), **share).remote(env, specs))
-    return RayHandle(actors)
+    handle = RayHandle(actors)
+    try:  # wait until every rank has built its workers, so call timeouts never include start-up
+        wait_refs([a.pid.remote() for a in actors], list(range(len(actors))), START_TIMEOUT_S,
+                  f"starting {'+'.join(f'{n}={r.cls.__name__}' for n, r in roles.items())}")
+    except BaseException:
+        handle.shutdown()
+        raise
+    return handle
 
 
 def release(pool) -> None:
@@ -175,4 +187,6 @@ def _get_one(ref: Any, rank: int, what: str) -> Any:
         cause.add_note(f"[hybridflow] raised by {what} on rank {rank} (ray executor); remote traceback above")
         raise cause from None
     except RayActorError as err:
+        if getattr(err, "actor_init_failed", False):
+            raise WorkerError(f"{what}: rank {rank} failed while constructing its worker:\n{err}") from None
         raise WorkerError(f"{what}: the worker process of rank {rank} died ({err})") from None
