@@ -1,0 +1,71 @@
+"""What the role workers share: building an engine from a config section, mini-batch loops."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tensordict import TensorDict
+
+from hybridflow import DataProto
+from hybridflow.trainer.metrics import reduce_metrics
+
+BACKENDS = ("fsdp",)
+
+
+def section(cfg: Any, name: str) -> dict:
+    """A config section as a plain dict ({} when absent)."""
+    node = cfg.get(name) if isinstance(cfg, (dict, DictConfig)) else None
+    if node is None:
+        return {}
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+
+
+def build_engine(model_path: str, role_cfg: dict, *, model_type: str = "causal_lm", trainable: bool = True,
+                 total_steps: int | None = None, seed: int = 0):
+    """The training engine named by ``role_cfg['backend']`` (default fsdp). Engine keys are taken
+    from the role's section (``actor.lr``, ``actor.micro_batch_size``, ...); the rest of the
+    section belongs to the role. A frozen model (reference, reward model) gets lr 0."""
+    from hybridflow.workers.engines.fsdp import FSDPEngine, FSDPEngineConfig
+
+    backend = role_cfg.get("backend", "fsdp")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown training backend {backend!r}; available: {BACKENDS}")
+    fields = {f.name for f in dataclasses.fields(FSDPEngineConfig)}
+    values = {k: v for k, v in role_cfg.items() if k in fields}
+    values.update(model_path=model_path, model_type=model_type, seed=seed)
+    if total_steps:
+        values.setdefault("total_steps", total_steps)
+    if not trainable:
+        values.update(lr=0.0, lr_schedule="constant", warmup_steps=0, warmup_ratio=0.0)
+    return FSDPEngine(values)
+
+
+def mini_batches(batch: TensorDict, mini_batch_size: int, epochs: int, dp_size: int, seed: int,
+                 shuffle: bool) -> Iterator[TensorDict]:
+    """``epochs`` passes over the local batch in mini-batches of ``mini_batch_size / dp_size`` rows
+    (the configured size is global, over all data-parallel ranks)."""
+    n = batch.batch_size[0]
+    local = max(1, min(n, mini_batch_size // dp_size))
+    for epoch in range(epochs):
+        order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+        for start in range(0, n, local):
+            yield batch[torch.as_tensor(order[start:start + local])]
+
+
+def run_updates(engine, data: DataProto, keys: list[str], loss_fn: Callable, cfg: dict, *, dp_size: int,
+                loss_weighting: str, temperature: float = 1.0, with_entropy: bool = False) -> DataProto:
+    """The PPO-style update loop shared by actor and critic: epochs × mini-batches, one optimizer
+    step each; returns the per-step metrics (lists) in ``meta_info['metrics']``."""
+    batch = data.batch.select(*[k for k in keys if k in data.batch.keys()])
+    collected: dict[str, list] = {}
+    seed = int(data.meta_info.get("step", 0))
+    for mb in mini_batches(batch, int(cfg.get("ppo_mini_batch_size", len(data))), int(cfg.get("ppo_epochs", 1)),
+                           dp_size, seed, bool(cfg.get("shuffle", False))):
+        metrics = engine.train_batch(mb, loss_fn, temperature=temperature, with_entropy=with_entropy,
+                                     loss_weighting=loss_weighting)
+        for key, value in metrics.items():
+            collected.setdefault(key, []).append(float(value))
+    return DataProto(meta_info={"metrics": reduce_metrics(collected)})

@@ -1,0 +1,61 @@
+"""Rewards on the workers: a user reward function and/or a reward model.
+
+``compute_rewards(batch)`` decodes each response (up to its mask), scores it, and returns
+``token_level_scores`` ``[B, R]`` with the score on the last response token, plus reward metrics
+in ``meta_info['metrics']``. With both a function and a model, the score is their sum.
+The function is configured by ``reward.function`` (``path/to/file.py:fn`` or ``builtin:NAME``;
+see docs/rewards.md); the model by ``reward.model_path`` (a value-head checkpoint; its score is
+the value at the last real token).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from hybridflow import DataProto, Dispatch, Worker, register
+from hybridflow.trainer.rewards import RewardManager, scores_to_token_level
+from hybridflow.workers.roles.common import build_engine, section
+
+
+class RewardWorker(Worker):
+    def __init__(self, config):
+        super().__init__()
+        self.cfg = section(config, "reward")
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model.path)
+        spec = self.cfg.get("function")
+        self.manager = None if not spec else RewardManager(
+            spec, fallback_score=float(self.cfg.get("fallback_score", 0.0)), strict=bool(self.cfg.get("strict", False)),
+            num_workers=int(self.cfg.get("num_workers", 1)))
+        self.model = None
+        if self.cfg.get("model_path"):
+            self.init_distributed()
+            self.model = build_engine(self.cfg["model_path"], self.cfg, model_type="value", trainable=False)
+        if self.manager is None and self.model is None:
+            raise ValueError("reward: set reward.function (e.g. builtin:exact_match) and/or reward.model_path")
+
+    def decode_responses(self, data: DataProto) -> list[str]:
+        lengths = data.batch["response_mask"].sum(-1).long().tolist()
+        return [self.tokenizer.decode(ids[:n], skip_special_tokens=True)
+                for ids, n in zip(data.batch["responses"].tolist(), lengths)]
+
+    @register(dispatch=Dispatch.DP_COMPUTE_PROTO)
+    def compute_rewards(self, data: DataProto) -> DataProto:
+        scores = torch.zeros(len(data))
+        metrics: dict = {}
+        if self.manager is not None:
+            extras = {k: list(v) for k, v in data.non_tensor_batch.items()
+                      if k in ("data_source", "extra_info", "uid", "index")}
+            values, metrics = self.manager(list(data.non_tensor_batch["raw_prompt"]), self.decode_responses(data),
+                                           list(data.non_tensor_batch.get("ground_truth", [None] * len(data))),
+                                           extras)
+            scores += torch.as_tensor(np.asarray(values, dtype=np.float32))
+        if self.model is not None:
+            rm = self.model.forward(data.batch.select("input_ids", "attention_mask", "position_ids"))["values"]
+            last = data.batch["attention_mask"].long().cumsum(-1).argmax(-1)
+            rm_scores = rm[torch.arange(len(data)), last]
+            metrics["reward/model_score/mean"] = float(rm_scores.mean())
+            scores += rm_scores
+        token_scores = scores_to_token_level(scores, data.batch["response_mask"])
+        return DataProto.from_dict({"token_level_scores": token_scores}, meta_info={"metrics": metrics})
