@@ -19,8 +19,9 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	rm -f $(VENV)/.installed-* && touch $@
 
+# One torch thread per process: the suite runs several processes (Ray, gloo ranks) on 2 cores.
 test: venv
-	$(PY) -m pytest tests -q -m "not vllm and not megatron" $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests -q -m "not vllm and not megatron" $(PYTEST_ARGS)
 
 quickstart: venv
 	$(PY) -m hybridflow.trainer.quickstart

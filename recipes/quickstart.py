@@ -25,7 +25,6 @@ from hybridflow.trainer.tasks import make_reverse_data
 from hybridflow.trainer.tiny_model import build_tiny_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = "runs/quickstart"
 
 
 def recipe(name):
@@ -44,30 +43,35 @@ def greedy_accuracy(model_dir, val_file):
     return sum(exact_match("", t, row["ground_truth"]) for t, row in zip(texts, val.rows)) / len(val)
 
 
-def warm_up(data, target=0.35, every=10):
+def warm_up(root, data, target=0.35, every=10):
     """SFT, keeping an HF export every ``every`` steps; the first with greedy accuracy ≥ target wins."""
-    recipe("sft")([f"model.path={ROOT}/base", f"data.train={data['sft']}", f"trainer.run_dir={ROOT}/sft_run",
+    recipe("sft")([f"model.path={root}/base", f"data.train={data['sft']}", f"trainer.run_dir={root}/sft_run",
                    f"trainer.export_every={every}"])
-    exports = sorted((int(d.rsplit("_", 1)[1]), d) for d in os.listdir(f"{ROOT}/sft_run") if d.startswith("hf_step_"))
+    exports = sorted((int(d.rsplit("_", 1)[1]), d) for d in os.listdir(f"{root}/sft_run") if d.startswith("hf_step_"))
     for step, name in exports:
-        accuracy = greedy_accuracy(f"{ROOT}/sft_run/{name}", data["val"])
+        accuracy = greedy_accuracy(f"{root}/sft_run/{name}", data["val"])
         if accuracy >= target or step == exports[-1][0]:
             print(f"   SFT step {step}: greedy validation accuracy {accuracy:.2f} → the GRPO starting point")
-            shutil.copytree(f"{ROOT}/sft_run/{name}", f"{ROOT}/sft/hf", dirs_exist_ok=True)
+            shutil.copytree(f"{root}/sft_run/{name}", f"{root}/sft/hf", dirs_exist_ok=True)
             return
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    print("1/4 tiny model:", build_tiny_checkpoint(f"{ROOT}/base"))
-    data = make_reverse_data(f"{ROOT}/data", n_train=4000, n_val=256, n_sft=4000, length=5)
+def prepare(root="runs/quickstart"):
+    """Steps 1-3; returns the overrides that point a recipe at the warmed model and the data."""
+    print("1/4 tiny model:", build_tiny_checkpoint(f"{root}/base"))
+    data = make_reverse_data(f"{root}/data", n_train=4000, n_val=256, n_sft=4000, length=5)
     print("2/4 data:", data)
-    if not os.path.isfile(f"{ROOT}/sft/hf/config.json"):
+    if not os.path.isfile(f"{root}/sft/hf/config.json"):
         print("3/4 SFT warm-up")
-        warm_up(data)
+        warm_up(root, data)
+    return [f"model.path={root}/sft/hf", f"data.train={data['train']}", f"data.val={data['val']}"]
+
+
+def main(argv=None, root="runs/quickstart"):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    overrides = prepare(root)
     print("4/4 GRPO")
-    run = recipe("grpo")([f"model.path={ROOT}/sft/hf", f"data.train={data['train']}", f"data.val={data['val']}",
-                          f"trainer.run_dir={ROOT}/grpo", "trainer.resume=never", *argv])
+    run = recipe("grpo")([*overrides, f"trainer.run_dir={root}/grpo", "trainer.resume=never", *argv])
     rewards = [row["reward/mean"] for row in map(json.loads, open(run.run_dir / "metrics.jsonl"))
                if "reward/mean" in row]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
