@@ -4,7 +4,8 @@ Methods (all ``MESH_PROTO`` on the mesh ``"actor"``: each rank gets its data-par
 
 - ``generate(prompts)``: ``n`` samples per prompt (``rollout.n``); sampling options from the
   ``rollout`` section, overridable per call through ``prompts.meta_info`` (``n``,
-  ``temperature``, ``do_sample``, ``max_new_tokens``, ``top_p``, ``top_k``, ``seed``).
+  ``temperature``, ``do_sample``, ``max_new_tokens``, ``top_p``, ``top_k``, ``seed``,
+  ``ignore_eos``).
 - ``compute_log_prob(batch)``: ``old_log_probs`` (and ``entropy``) at the rollout temperature.
 - ``update(batch)``: ``ppo_epochs`` × mini-batches of the chosen policy loss
   (``actor.policy_loss``), minus ``entropy_coeff`` × entropy, plus ``kl_loss_coef`` × KL to the
@@ -14,12 +15,12 @@ from __future__ import annotations
 
 from hybridflow import DataProto, Dispatch, Worker, register
 from hybridflow.trainer.algos import agg_loss, get_policy_loss, kl_penalty
-from hybridflow.workers.roles.common import build_engine, run_updates, section
+from hybridflow.workers.roles.common import EngineStateMixin, build_engine, run_updates, section
 
-SAMPLING_KEYS = ("n", "temperature", "top_p", "top_k", "do_sample", "max_new_tokens", "seed")
+SAMPLING_KEYS = ("n", "temperature", "top_p", "top_k", "do_sample", "max_new_tokens", "seed", "ignore_eos")
 
 
-class ActorWorker(Worker):
+class ActorWorker(EngineStateMixin, Worker):
     """Actor + rollout (the hybrid engine) for one rank. ``config`` is the whole run config."""
 
     def __init__(self, config):
@@ -69,42 +70,30 @@ class ActorWorker(Worker):
         mode = cfg.get("loss_agg_mode", "token-mean")
         entropy_coeff = float(cfg.get("entropy_coeff", 0.0))
         use_kl = bool(cfg.get("use_kl_loss", False))
-        loss_options = {k: v for k, v in cfg.items() if k != "rollout_is_weights"}
+        loss_options = {k: v for k, v in cfg.items() if k not in ("rollout_is_weights", "norm_constant")}
 
         def loss_fn(mb, out):
             mask = mb["response_mask"]
+            # seq-mean-token-sum-norm: mean over rows of (token sum / R), so micro-batches weigh by rows
+            norm = mask.shape[0] * mask.shape[1] if mode == "seq-mean-token-sum-norm" else None
             extra = {"rollout_is_weights": mb["rollout_is_weights"]} if "rollout_is_weights" in mb.keys() else {}
             loss, metrics = self.policy_loss(mb["old_log_probs"], out["log_probs"], mb["advantages"], mask,
-                                             **loss_options, **extra)
+                                             **loss_options, norm_constant=norm, **extra)
             metrics = {k: float(v) for k, v in metrics.items()}
             metrics["actor/pg_loss"] = loss.item()
-            if entropy_coeff or "entropy" in out.keys():
-                entropy = agg_loss(out["entropy"], mask, mode)
-                metrics["actor/entropy"] = float(entropy)
-                loss = loss - entropy_coeff * entropy
+            entropy = agg_loss(out["entropy"], mask, mode, norm)
+            metrics["actor/entropy"] = entropy.item()
+            loss = loss - entropy_coeff * entropy
             if use_kl:
                 kl = agg_loss(kl_penalty(out["log_probs"], mb["ref_log_probs"], cfg.get("kl_loss_type", "k3")),
-                              mask, mode)
-                metrics["actor/kl_loss"] = float(kl)
+                              mask, mode, norm)
+                metrics["actor/kl_loss"] = kl.item()
                 loss = loss + float(cfg.get("kl_loss_coef", 0.001)) * kl
             return loss, metrics
 
         keys = ["input_ids", "attention_mask", "position_ids", "responses", "response_mask", "old_log_probs",
                 "advantages", "ref_log_probs", "rollout_is_weights"]
         out = run_updates(self.engine, data, keys, loss_fn, cfg, dp_size=self.world_size,
-                          loss_weighting="tokens" if mode == "token-mean" else "rows",
                           temperature=self._temperature(data), with_entropy=True)
         out.meta_info["metrics"]["actor/lr"] = self.engine.lr
         return out
-
-    @register(dispatch=Dispatch.ONE_TO_ALL)
-    def save_checkpoint(self, path: str) -> None:
-        self.engine.save_checkpoint(path)
-
-    @register(dispatch=Dispatch.ONE_TO_ALL)
-    def load_checkpoint(self, path: str) -> None:
-        self.engine.load_checkpoint(path)
-
-    @register(dispatch=Dispatch.ONE_TO_ALL)
-    def export_hf(self, path: str) -> None:
-        self.engine.export_hf(path)

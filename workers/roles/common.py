@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tensordict import TensorDict
 
-from hybridflow import DataProto
+from hybridflow import DataProto, Dispatch, register
 from hybridflow.trainer.metrics import reduce_metrics
 
 BACKENDS = ("fsdp",)
@@ -56,9 +56,11 @@ def mini_batches(batch: TensorDict, mini_batch_size: int, epochs: int, dp_size: 
 
 
 def run_updates(engine, data: DataProto, keys: list[str], loss_fn: Callable, cfg: dict, *, dp_size: int,
-                loss_weighting: str, temperature: float = 1.0, with_entropy: bool = False) -> DataProto:
+                temperature: float = 1.0, with_entropy: bool = False) -> DataProto:
     """The PPO-style update loop shared by actor and critic: epochs × mini-batches, one optimizer
-    step each; returns the per-step metrics (lists) in ``meta_info['metrics']``."""
+    step each; returns the metrics (means over steps) in ``meta_info['metrics']``. Micro-batch
+    losses are weighted by tokens for ``token-mean`` aggregation and by rows for ``seq-mean-*``."""
+    loss_weighting = "tokens" if cfg.get("loss_agg_mode", "token-mean") == "token-mean" else "rows"
     batch = data.batch.select(*[k for k in keys if k in data.batch.keys()])
     collected: dict[str, list] = {}
     seed = int(data.meta_info.get("step", 0))
@@ -69,3 +71,20 @@ def run_updates(engine, data: DataProto, keys: list[str], loss_fn: Callable, cfg
         for key, value in metrics.items():
             collected.setdefault(key, []).append(float(value))
     return DataProto(meta_info={"metrics": reduce_metrics(collected)})
+
+
+class EngineStateMixin:
+    """Checkpoint methods of a role that owns a trainable ``self.engine`` (actor, critic)."""
+
+    @register(dispatch=Dispatch.ONE_TO_ALL)
+    def save_checkpoint(self, path: str) -> None:
+        self.engine.save_checkpoint(path)
+
+    @register(dispatch=Dispatch.ONE_TO_ALL)
+    def load_checkpoint(self, path: str) -> None:
+        self.engine.load_checkpoint(path)
+
+    @register(dispatch=Dispatch.ONE_TO_ALL)
+    def export_hf(self, path: str) -> None:
+        """Write the model as a plain transformers checkpoint (safetensors) to ``path``."""
+        self.engine.export_hf(path)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from hybridflow import DataProto, Dispatch, Worker, register
 from hybridflow.trainer.algos import value_loss
-from hybridflow.workers.roles.common import build_engine, run_updates, section
+from hybridflow.workers.roles.common import EngineStateMixin, build_engine, run_updates, section
 
 
-class CriticWorker(Worker):
+class CriticWorker(EngineStateMixin, Worker):
     def __init__(self, config):
         super().__init__()
         self.init_distributed()
@@ -32,16 +32,7 @@ class CriticWorker(Worker):
 
         def loss_fn(mb, out):
             loss, metrics = value_loss(out["values"], mb["values"], mb["returns"], mb["response_mask"], clip, mode)
-            return loss, {"critic/vf_loss": float(loss), **{k: float(v) for k, v in metrics.items()}}
+            return loss, {"critic/vf_loss": loss.item(), **{k: float(v) for k, v in metrics.items()}}
 
         keys = ["input_ids", "attention_mask", "position_ids", "responses", "response_mask", "values", "returns"]
-        return run_updates(self.engine, data, keys, loss_fn, self.cfg, dp_size=self.world_size,
-                           loss_weighting="tokens" if mode == "token-mean" else "rows")
-
-    @register(dispatch=Dispatch.ONE_TO_ALL)
-    def save_checkpoint(self, path: str) -> None:
-        self.engine.save_checkpoint(path)
-
-    @register(dispatch=Dispatch.ONE_TO_ALL)
-    def load_checkpoint(self, path: str) -> None:
-        self.engine.load_checkpoint(path)
+        return run_updates(self.engine, data, keys, loss_fn, self.cfg, dp_size=self.world_size)

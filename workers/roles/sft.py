@@ -6,10 +6,10 @@
 from __future__ import annotations
 
 from hybridflow import DataProto, Dispatch, Worker, register
-from hybridflow.workers.roles.common import build_engine, section
+from hybridflow.workers.roles.common import EngineStateMixin, build_engine, section
 
 
-class SFTWorker(Worker):
+class SFTWorker(EngineStateMixin, Worker):
     def __init__(self, config):
         super().__init__()
         self.init_distributed()
@@ -27,7 +27,3 @@ class SFTWorker(Worker):
         batch["loss_mask"] = data.batch["loss_mask"][:, 1:]  # the dataset aligns it with input_ids; targets are [1:]
         metrics = self.engine.train_batch(batch, loss_fn, loss_weighting="tokens")
         return DataProto(meta_info={"metrics": metrics})
-
-    @register(dispatch=Dispatch.ONE_TO_ALL)
-    def export_hf(self, path: str) -> None:
-        self.engine.export_hf(path)
