@@ -27,7 +27,6 @@ setup(
     python_requires=">=3.10",
     packages=list(package_dir),
     package_dir=package_dir,
-    package_data={"hybridflow.trainer": ["configs/*.yaml"]},
     install_requires=[
         # torch: CPU machines install the CPU build first (Makefile); this range admits it.
         "torch>=2.6,<2.15",
@@ -48,5 +47,4 @@ setup(
         "tracking": ["tensorboard>=2.15", "wandb>=0.17", "mlflow>=2.10"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "tensorboard>=2.15"],
     },
-    entry_points={"console_scripts": ["hybridflow=hybridflow.trainer.main:main"]},
 )

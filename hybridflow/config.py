@@ -6,7 +6,7 @@
   in order, then the file's own keys on top.
 - The merged YAML is the schema: an override of a key that does not exist is a
   :class:`ConfigError` listing the nearest valid keys (prefix ``+`` to add a new key on
-  purpose: ``+reward.kwargs.scale=2``); a value that cannot take the type of the default
+  purpose: ``+trainer.notes=baseline``); a value that cannot take the type of the default
   (``actor.lr=fast``) is an error too.
 - ``--config PATH`` on the command line replaces the default YAML.
 """

@@ -38,24 +38,9 @@ class Worker:
         return torch.device("cpu")
 
     def init_distributed(self, backend: str | None = None, timeout_s: float | None = None) -> None:
-        """Join the default process group (idempotent; colocated workers share it).
-
-        Backend: nccl when a GPU is visible, else gloo. A collective that waits longer than
-        ``timeout_s`` (default ``HYBRIDFLOW_COLLECTIVE_TIMEOUT_S`` = 600 s) raises instead of hanging.
-        """
-        if dist.is_initialized():
-            return
-        if torch.cuda.is_available():
-            torch.cuda.set_device(self.local_rank % torch.cuda.device_count())
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            if self.world_size > 1:
-                raise RuntimeError("init_distributed: MASTER_PORT is not set for a multi-rank group")
-            os.environ["MASTER_PORT"] = str(free_port())
-        dist.init_process_group(
-            backend=backend or ("nccl" if torch.cuda.is_available() else "gloo"),
-            rank=self.rank, world_size=self.world_size,
-            timeout=datetime.timedelta(seconds=timeout_s or DEFAULT_COLLECTIVE_TIMEOUT_S))
+        """Join the default process group (idempotent; colocated workers share it). See
+        :func:`init_distributed`."""
+        init_distributed(backend, timeout_s)
 
     # ------------------------------------------------------------------ dispatch info
     def set_dispatch_info(self, mesh: str, dp_rank: int, dp_size: int, collect: bool) -> None:
@@ -85,6 +70,29 @@ class Worker:
                                    f"returned {len(output)} rows; a DP method must return k rows per input row")
             output.meta_info[PAD_KEY] = pad * (len(output) // rows_in)
         return output
+
+
+def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> tuple[int, int]:
+    """Initialise the default process group if needed; returns ``(rank, world_size)``.
+
+    Rank and world size come from ``RANK``/``WORLD_SIZE`` (set by the executors); without them
+    this is a world of one on 127.0.0.1 at a free port. Backend: nccl when a GPU is visible
+    (and the current device is set to ``LOCAL_RANK``), else gloo. A collective that waits longer
+    than ``timeout_s`` (default ``HYBRIDFLOW_COLLECTIVE_TIMEOUT_S`` = 600 s) raises instead of hanging.
+    """
+    if not dist.is_initialized():
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            if world > 1:
+                raise RuntimeError("init_distributed: MASTER_PORT is not set for a multi-rank group")
+            os.environ["MASTER_PORT"] = str(free_port())
+        dist.init_process_group(
+            backend=backend or ("nccl" if torch.cuda.is_available() else "gloo"), rank=rank, world_size=world,
+            timeout=datetime.timedelta(seconds=timeout_s or DEFAULT_COLLECTIVE_TIMEOUT_S))
+    return dist.get_rank(), dist.get_world_size()
 
 
 def free_port() -> int:

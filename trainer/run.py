@@ -74,6 +74,8 @@ class RLRun:
     """See the module docstring. ``cfg`` is the recipe's config (recipes/base.yaml keys)."""
 
     def __init__(self, cfg):
+        if not logging.getLogger().handlers:  # a plain script: show the run's INFO lines
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         check_config(cfg)
         seed_everything(int(cfg.seed))
         self.cfg = cfg

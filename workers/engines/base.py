@@ -29,17 +29,13 @@ Outputs are float32 and 0 where there is no real token (``attention_mask == 0``)
 from __future__ import annotations
 
 import dataclasses
-import os
-import socket
 from abc import ABC, abstractmethod
-from datetime import timedelta
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 from tensordict import TensorDict
 
-__all__ = ["EngineConfig", "TrainEngine", "LossFn", "init_distributed", "MODEL_TYPES", "LOSS_WEIGHTINGS"]
+__all__ = ["EngineConfig", "TrainEngine", "LossFn", "MODEL_TYPES", "LOSS_WEIGHTINGS"]
 
 MODEL_TYPES = ("causal_lm", "value")
 LOSS_WEIGHTINGS = ("auto", "tokens", "rows", "sum")
@@ -157,38 +153,6 @@ class EngineConfig:
         if dtype is None:
             return torch.bfloat16 if device.type == "cuda" else torch.float32
         return dtype
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed(timeout_s: float = 1800) -> Tuple[int, int]:
-    """Initialise the default process group if needed and return ``(rank, world_size)``.
-
-    Backend: nccl when CUDA is available, else gloo. With ``RANK``/``WORLD_SIZE`` (and
-    ``MASTER_ADDR``/``MASTER_PORT``) in the environment they are used (``env://``); without them
-    a world of size 1 is started on 127.0.0.1 at a free port. On CUDA the current device is set
-    to ``LOCAL_RANK`` (or ``rank % device_count``).
-    """
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        timeout = timedelta(seconds=timeout_s)
-        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-            if missing:
-                raise RuntimeError(f"init_distributed: RANK/WORLD_SIZE are set but {missing} are not")
-            dist.init_process_group(backend, init_method="env://", timeout=timeout)
-        else:
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
-                                    world_size=1, timeout=timeout)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
-        torch.cuda.set_device(local)
-    return rank, world
 
 
 class TrainEngine(ABC):

@@ -34,7 +34,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tensordict import TensorDict
 
-from .base import LOSS_WEIGHTINGS, EngineConfig, LossFn, TrainEngine, init_distributed
+from hybridflow.worker import init_distributed
+
+from .base import LOSS_WEIGHTINGS, EngineConfig, LossFn, TrainEngine
 from .ops import lr_factor, partition_micro_batches, token_log_probs
 
 __all__ = ["FSDPEngine", "FSDPEngineConfig"]
@@ -75,7 +77,7 @@ class FSDPEngine(TrainEngine):
         if not os.path.isfile(os.path.join(cfg.model_path, "config.json")):
             raise FileNotFoundError(f"FSDPEngine: model_path {cfg.model_path!r} is not a Hugging Face checkpoint "
                                     "directory (no config.json there)")
-        self._rank, self._world = init_distributed()
+        self._rank, self._world = init_distributed(timeout_s=1800)
         self._device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
                         else torch.device("cpu"))
         self._dtype = cfg.torch_dtype(self._device)

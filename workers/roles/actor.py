@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from hybridflow import DataProto, Dispatch, Worker, register
 from hybridflow.trainer.algos import agg_loss, get_policy_loss, kl_penalty
-from hybridflow.workers.roles.common import EngineStateMixin, build_engine, run_updates, section
+from hybridflow.workers.roles.common import EngineStateMixin, build_engine, optimizer_steps, run_updates, section
 
 SAMPLING_KEYS = ("n", "temperature", "top_p", "top_k", "do_sample", "max_new_tokens", "seed", "ignore_eos")
 
@@ -28,7 +28,7 @@ class ActorWorker(EngineStateMixin, Worker):
         self.init_distributed()
         self.cfg = section(config, "actor")
         self.rollout_cfg = section(config, "rollout")
-        self.engine = build_engine(config.model.path, self.cfg, total_steps=config.trainer.steps,
+        self.engine = build_engine(config.model.path, self.cfg, total_steps=optimizer_steps(config, self.cfg),
                                    seed=int(config.get("seed", 0)))
         self.rollout = self._build_rollout(self.rollout_cfg.get("backend", "hf"))
         self.set_dispatch_info("actor", dp_rank=self.rank, dp_size=self.world_size, collect=True)
@@ -52,7 +52,8 @@ class ActorWorker(EngineStateMixin, Worker):
                                     eos_token_id=self.engine.tokenizer.eos_token_id,
                                     pad_token_id=self.engine.tokenizer.pad_token_id, **opts)
         non_tensor = {k: v.repeat(n, axis=0) for k, v in prompts.non_tensor_batch.items()}
-        meta = {"temperature": float(opts.get("temperature", 1.0)) if opts.get("do_sample", True) else 1.0}
+        meta = {**prompts.meta_info,
+                "temperature": float(opts.get("temperature", 1.0)) if opts.get("do_sample", True) else 1.0}
         return DataProto(out, non_tensor, meta)
 
     @register(dispatch=Dispatch.MESH_PROTO, mesh="actor")
@@ -93,7 +94,6 @@ class ActorWorker(EngineStateMixin, Worker):
 
         keys = ["input_ids", "attention_mask", "position_ids", "responses", "response_mask", "old_log_probs",
                 "advantages", "ref_log_probs", "rollout_is_weights"]
-        out = run_updates(self.engine, data, keys, loss_fn, cfg, dp_size=self.world_size,
+        out = run_updates(self.engine, data, keys, loss_fn, cfg, dp_size=self.world_size, prefix="actor",
                           temperature=self._temperature(data), with_entropy=True)
-        out.meta_info["metrics"]["actor/lr"] = self.engine.lr
         return out

@@ -23,6 +23,14 @@ def section(cfg: Any, name: str) -> dict:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
 
 
+def optimizer_steps(config, role_cfg: dict) -> int:
+    """Optimizer steps of a run (what LR schedules span): ``trainer.steps`` × ``ppo_epochs`` ×
+    mini-batches per step (``data.batch_size · rollout.n / ppo_mini_batch_size``, rounded up)."""
+    rows = int(config.data.batch_size) * int(config.rollout.get("n", 1))
+    per_step = -(-rows // int(role_cfg.get("ppo_mini_batch_size", rows)))
+    return int(config.trainer.steps) * int(role_cfg.get("ppo_epochs", 1)) * per_step
+
+
 def build_engine(model_path: str, role_cfg: dict, *, model_type: str = "causal_lm", trainable: bool = True,
                  total_steps: int | None = None, seed: int = 0):
     """The training engine named by ``role_cfg['backend']`` (default fsdp). Engine keys are taken
@@ -56,9 +64,10 @@ def mini_batches(batch: TensorDict, mini_batch_size: int, epochs: int, dp_size: 
 
 
 def run_updates(engine, data: DataProto, keys: list[str], loss_fn: Callable, cfg: dict, *, dp_size: int,
-                temperature: float = 1.0, with_entropy: bool = False) -> DataProto:
+                prefix: str, temperature: float = 1.0, with_entropy: bool = False) -> DataProto:
     """The PPO-style update loop shared by actor and critic: epochs × mini-batches, one optimizer
-    step each; returns the metrics (means over steps) in ``meta_info['metrics']``. Micro-batch
+    step each; returns the metrics (means over steps) in ``meta_info['metrics']``, the engine's
+    ``grad_norm``/``lr`` under ``<prefix>/``. Micro-batch
     losses are weighted by tokens for ``token-mean`` aggregation and by rows for ``seq-mean-*``."""
     loss_weighting = "tokens" if cfg.get("loss_agg_mode", "token-mean") == "token-mean" else "rows"
     batch = data.batch.select(*[k for k in keys if k in data.batch.keys()])
@@ -69,7 +78,7 @@ def run_updates(engine, data: DataProto, keys: list[str], loss_fn: Callable, cfg
         metrics = engine.train_batch(mb, loss_fn, temperature=temperature, with_entropy=with_entropy,
                                      loss_weighting=loss_weighting)
         for key, value in metrics.items():
-            collected.setdefault(key, []).append(float(value))
+            collected.setdefault(key if "/" in key else f"{prefix}/{key}", []).append(float(value))
     return DataProto(meta_info={"metrics": reduce_metrics(collected)})
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from hybridflow import DataProto, Dispatch, Worker, register
 from hybridflow.trainer.algos import value_loss
-from hybridflow.workers.roles.common import EngineStateMixin, build_engine, run_updates, section
+from hybridflow.workers.roles.common import EngineStateMixin, build_engine, optimizer_steps, run_updates, section
 
 
 class CriticWorker(EngineStateMixin, Worker):
@@ -17,7 +17,7 @@ class CriticWorker(EngineStateMixin, Worker):
         self.init_distributed()
         self.cfg = section(config, "critic")
         self.engine = build_engine(self.cfg.get("model_path") or config.model.path, self.cfg, model_type="value",
-                                   total_steps=config.trainer.steps, seed=int(config.get("seed", 0)))
+                                   total_steps=optimizer_steps(config, self.cfg), seed=int(config.get("seed", 0)))
         self.set_dispatch_info("critic", dp_rank=self.rank, dp_size=self.world_size, collect=True)
 
     @register(dispatch=Dispatch.MESH_PROTO, mesh="critic")

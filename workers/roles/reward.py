@@ -45,8 +45,7 @@ class RewardWorker(Worker):
         scores = torch.zeros(len(data))
         metrics: dict = {}
         if self.manager is not None:
-            extras = {k: list(v) for k, v in data.non_tensor_batch.items()
-                      if k in ("data_source", "extra_info", "uid", "index")}
+            extras = {k: list(v) for k, v in data.non_tensor_batch.items() if k not in ("raw_prompt", "ground_truth")}
             values, metrics = self.manager(list(data.non_tensor_batch["raw_prompt"]), self.decode_responses(data),
                                            list(data.non_tensor_batch.get("ground_truth", [None] * len(data))),
                                            extras)
