@@ -35,4 +35,4 @@ class CriticWorker(EngineStateMixin, Worker):
             return loss, {"critic/vf_loss": loss.item(), **{k: float(v) for k, v in metrics.items()}}
 
         keys = ["input_ids", "attention_mask", "position_ids", "responses", "response_mask", "values", "returns"]
-        return run_updates(self.engine, data, keys, loss_fn, self.cfg, dp_size=self.world_size)
+        return run_updates(self.engine, data, keys, loss_fn, self.cfg, dp_size=self.world_size, prefix="critic")

@@ -8,7 +8,9 @@ Output: a CPU TensorDict with ``B * n`` rows, the ``n`` samples of each prompt n
 
 * ``prompts`` ``[B*n, P]``; ``responses`` ``[B*n, R]`` right-padded with ``pad_token_id`` to
   ``R = max_new_tokens``; tokens after the first EOS are padding;
-* ``response_mask`` ``[B*n, R]`` (long) — 1 up to and including the first EOS;
+* ``response_mask`` ``[B*n, R]`` (long) — 1 up to and including the first EOS; with
+  ``ignore_eos=True`` EOS does not end a response: all ``R = max_new_tokens`` tokens are generated
+  and the mask is all ones (for throughput benchmarks; the sampling distribution is unchanged);
 * ``input_ids = cat(prompts, responses)``, ``attention_mask = cat(prompt mask, response_mask)``,
   ``position_ids = clamp(cumsum(attention_mask) - 1, 0)`` ``[B*n, P+R]``;
 * ``rollout_log_probs`` ``[B*n, R]`` float32 — ``log_softmax(raw logits / T)`` of the sampled token
@@ -36,7 +38,7 @@ class Rollout(ABC):
     def generate(self, prompts: TensorDict, *, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
                  top_k: int = -1, max_new_tokens: int, do_sample: bool = True,
                  eos_token_id: Optional[Union[int, Sequence[int]]] = None, pad_token_id: Optional[int] = None,
-                 seed: Optional[int] = None) -> TensorDict:
+                 seed: Optional[int] = None, ignore_eos: bool = False) -> TensorDict:
         """Sample ``n`` responses per prompt; returns the columns listed in the module docstring."""
 
 
@@ -48,13 +50,15 @@ def response_mask_from_eos(responses: torch.Tensor, eos_token_ids: Sequence[int]
 
 
 def finish_rollout_batch(prompts: TensorDict, responses: torch.Tensor, rollout_log_probs: torch.Tensor,
-                         *, n: int, eos_token_ids: Sequence[int], pad_token_id: int) -> TensorDict:
+                         *, n: int, eos_token_ids: Sequence[int], pad_token_id: int,
+                         ignore_eos: bool = False) -> TensorDict:
     """Assemble the output columns from the (un-repeated) prompts and the ``[B*n, R]`` sampled
-    tokens and their log-probs: masks after the first EOS, pads, builds the full sequence."""
+    tokens and their log-probs: masks after the first EOS (nothing when ``ignore_eos``), pads,
+    builds the full sequence."""
     prompt_ids = prompts["input_ids"].repeat_interleave(n, dim=0).cpu()
     prompt_mask = prompts["attention_mask"].repeat_interleave(n, dim=0).cpu().long()
     responses = responses.cpu()
-    mask = response_mask_from_eos(responses, eos_token_ids)
+    mask = torch.ones_like(responses) if ignore_eos else response_mask_from_eos(responses, eos_token_ids)
     responses = torch.where(mask.bool(), responses, torch.full_like(responses, pad_token_id))
     attention_mask = torch.cat([prompt_mask, mask], dim=1)
     return TensorDict({

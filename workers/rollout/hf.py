@@ -14,6 +14,15 @@ The module's own ``generation_config`` (e.g. a hub ``top_k=20`` or ``repetition_
 swapped for a neutral one during the call, so only the arguments of :meth:`HFRollout.generate`
 shape the sampling distribution (as the log-prob contract requires). ``position_ids`` of the input
 are not passed: transformers derives them from ``attention_mask`` (same values on real tokens).
+
+``ignore_eos=True`` (``rollout.ignore_eos``, for throughput benchmarks: every response is exactly
+``max_new_tokens`` long, as in the HybridFlow paper) follows vLLM's ``SamplingParams.ignore_eos``:
+EOS no longer *stops* a sequence, but it is not suppressed either — it may be sampled and decoding
+goes on after it. The sampling distribution is therefore unchanged and the recorded log-probs are
+still those of the raw logits, equal to the trainer's recompute; ``response_mask`` is all ones
+(an EOS inside a response is an ordinary token). The alternative, banning EOS
+(``min_new_tokens``), would sample from a renormalised distribution that the trainer's log-probs
+do not describe.
 """
 from __future__ import annotations
 
@@ -91,7 +100,7 @@ class HFRollout(Rollout):
     def generate(self, prompts: TensorDict, *, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
                  top_k: int = -1, max_new_tokens: int, do_sample: bool = True,
                  eos_token_id: Optional[Union[int, Sequence[int]]] = None, pad_token_id: Optional[int] = None,
-                 seed: Optional[int] = None) -> TensorDict:
+                 seed: Optional[int] = None, ignore_eos: bool = False) -> TensorDict:
         from transformers import GenerationConfig, LogitsProcessorList
 
         if max_new_tokens < 1 or n < 1:
@@ -107,13 +116,14 @@ class HFRollout(Rollout):
         attention_mask = prompts["attention_mask"].repeat_interleave(n, dim=0).to(self.device)
         sampling = {} if greedy else {"temperature": float(temperature), "top_p": float(top_p),
                                       "top_k": 0 if top_k in (None, 0, -1) else int(top_k)}
+        stop_ids = None if ignore_eos else eos  # ignore_eos: EOS does not stop generation (module docstring)
         gen_config = GenerationConfig(max_new_tokens=int(max_new_tokens), do_sample=not greedy, num_beams=1,
-                                      use_cache=True, eos_token_id=eos, pad_token_id=pad, **sampling)
+                                      use_cache=True, eos_token_id=stop_ids, pad_token_id=pad, **sampling)
         recorder = _SampledTokenLogProbs(1.0 if greedy else float(temperature))
 
         module = self.module
         saved_config, was_training = module.generation_config, module.training
-        module.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad)
+        module.generation_config = GenerationConfig(eos_token_id=stop_ids, pad_token_id=pad)
         module.eval()
         rng = contextlib.nullcontext()
         if seed is not None:
@@ -139,4 +149,5 @@ class HFRollout(Rollout):
         missing = int(max_new_tokens) - new_tokens.shape[1]
         new_tokens = torch.nn.functional.pad(new_tokens, (0, missing), value=pad)
         log_probs = torch.nn.functional.pad(log_probs, (0, missing))
-        return finish_rollout_batch(prompts, new_tokens, log_probs, n=n, eos_token_ids=eos, pad_token_id=pad)
+        return finish_rollout_batch(prompts, new_tokens, log_probs, n=n, eos_token_ids=eos, pad_token_id=pad,
+                                    ignore_eos=ignore_eos)
