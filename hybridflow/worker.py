@@ -84,14 +84,15 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None)
         rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            if world > 1:
-                raise RuntimeError("init_distributed: MASTER_PORT is not set for a multi-rank group")
-            os.environ["MASTER_PORT"] = str(free_port())
+        if "MASTER_PORT" in os.environ:
+            init_method = f"tcp://{os.environ.get('MASTER_ADDR', '127.0.0.1')}:{os.environ['MASTER_PORT']}"
+        elif world == 1:  # a private port, not exported: child processes must not inherit it
+            init_method = f"tcp://127.0.0.1:{free_port()}"
+        else:
+            raise RuntimeError("init_distributed: MASTER_PORT is not set for a multi-rank group")
         dist.init_process_group(
-            backend=backend or ("nccl" if torch.cuda.is_available() else "gloo"), rank=rank, world_size=world,
-            timeout=datetime.timedelta(seconds=timeout_s or DEFAULT_COLLECTIVE_TIMEOUT_S))
+            backend=backend or ("nccl" if torch.cuda.is_available() else "gloo"), init_method=init_method,
+            rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s or DEFAULT_COLLECTIVE_TIMEOUT_S))
     return dist.get_rank(), dist.get_world_size()
 
 

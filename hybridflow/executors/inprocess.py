@@ -9,7 +9,6 @@ import os
 from typing import Any
 
 from hybridflow.futures import ValueFuture
-from hybridflow.worker import free_port
 
 
 class InProcessHandle:
@@ -36,9 +35,7 @@ class InProcessHandle:
 
 def spawn(pool, roles: dict) -> InProcessHandle:
     """Construct each role's worker here, as rank 0 of a world of 1."""
-    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})  # init_distributed picks a free port
     return InProcessHandle({name: role.cls(*role.args, **role.kwargs) for name, role in roles.items()})
 
 
