@@ -24,7 +24,7 @@ test: venv
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests -q -m "not vllm and not megatron" $(PYTEST_ARGS)
 
 quickstart: venv
-	$(PY) recipes/quickstart.py
+	OMP_NUM_THREADS=1 $(PY) recipes/quickstart.py
 
 clean:
 	rm -rf runs .pytest_cache
