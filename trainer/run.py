@@ -46,6 +46,11 @@ def check_config(cfg) -> None:
     require_choice(cfg, "actor.loss_agg_mode", agg_loss_modes())
     if not os.path.isdir(str(cfg.model.path)):
         raise ConfigError(f"model.path: {cfg.model.path!r} is not a directory (a local HF checkpoint)")
+    for key in ("model.path", "ref.model_path", "critic.model_path", "reward.model_path"):
+        path = OmegaConf.select(cfg, key)
+        if path and not os.path.isfile(os.path.join(str(path), "config.json")):
+            raise ConfigError(f"{key}: {path!r} is not a Hugging Face checkpoint directory (no config.json; "
+                              "expected the output of save_pretrained)")
     for key in ("data.train", "data.val"):
         path = OmegaConf.select(cfg, key)
         if path and not os.path.exists(str(path)):
