@@ -197,6 +197,14 @@ class RLRun:
         state = {"step": self.step, "loader": self.loader.state_dict(), "kl_coef": self.kl_ctrl.value}
         return self.ckpt.save(self.step, save_fn, state)
 
+    def close(self) -> None:
+        """Stop the worker groups (Ray processes) and release their pools (idempotent). ``finish``
+        leaves them running so that a caller can still use them; a script's exit stops them too."""
+        for group in self.groups.values():
+            group.shutdown()
+        for pool in {id(g.pool): g.pool for g in self.groups.values()}.values():
+            pool.shutdown()
+
     def finish(self) -> None:
         """Final validation and checkpoint, close trackers, draw the reward curve."""
         cfg = self.cfg.trainer

@@ -115,9 +115,9 @@ DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 @pytest.fixture(scope="package", autouse=True)
 def isolate_distributed():
-    """The inprocess executor sets RANK/WORLD_SIZE/MASTER_* in os.environ and leaves the gloo
-    process group (listening on MASTER_PORT) initialised. Undo both once the e2e tests are done,
-    or a later test's subprocess inherits MASTER_PORT and fails with EADDRINUSE."""
+    """The inprocess executor sets RANK/WORLD_SIZE in os.environ and leaves the gloo process group
+    initialised (it lives as long as the process). Undo both once the e2e tests are done, so later
+    tests start from a clean process."""
     import torch.distributed as dist
 
     saved = {k: os.environ.get(k) for k in DIST_ENV}

@@ -30,10 +30,7 @@ def runs(monkeypatch):
     monkeypatch.setattr(RLRun, "__init__", init)
     yield made
     for run in made:
-        if run.groups:
-            group = next(iter(run.groups.values()))
-            group.shutdown()  # one handle (one Ray actor per rank) is shared by the colocated roles
-            group.pool.shutdown()
+        run.close()
 
 
 def test_grpo_ray_two_ranks(assets, tmp_path, ray_e2e, runs):

@@ -44,6 +44,7 @@ def test_recipe_learns(warmed, tmp_path, name, executor, steps, gain):
         pytest.importorskip("ray")
     run = recipe(name)["main"]([*warmed, *executor, f"trainer.steps={steps}", f"trainer.run_dir={tmp_path}",
                                 "trainer.val_every=0", "trainer.val_before_train=false"])
+    run.close()
     first, last = reward_gain(run.run_dir)
     assert last - first >= gain, f"{name} {executor}: reward {first:.3f} → {last:.3f}, wanted +{gain}"
     assert (tmp_path / "reward_curve.png").stat().st_size > 1000
