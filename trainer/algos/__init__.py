@@ -6,7 +6,8 @@ A config names each piece (``algorithm.adv_estimator: grpo``, ``actor.policy_los
 * advantages:      ``get_advantage(name)(token_level_rewards, response_mask, *, index=None,
   values=None, **cfg) -> (advantages, returns)``; built in: ``gae``, ``grpo``.
 * policy losses:   ``get_policy_loss(name)(old_log_prob, log_prob, advantages, response_mask,
-  *, loss_agg_mode="token-mean", **cfg) -> (loss, metrics)``; built in: ``vanilla``/``ppo``.
+  *, loss_agg_mode="token-mean", **cfg) -> (loss, metrics)``; built in: ``vanilla``/``ppo``,
+  ``gspo``, ``ctpo``.
 * KL penalties:    ``kl_penalty(log_prob, ref_log_prob, kind)``; ``k1``, ``k2``, ``k3``, ``abs``
   (+ aliases ``kl``, ``mse``, ``low_var_kl``).
 * aggregation:     ``agg_loss(loss_mat, mask, mode, norm_constant=None)``.
@@ -39,6 +40,8 @@ from .kl import (
 from .masked import masked_mean, masked_sum, masked_var, masked_whiten
 from .policy_losses import POLICY_LOSSES, get_policy_loss, ppo_clip_loss, register_policy_loss
 from .registry import Registry, RegistryKeyError
+from .sequence_losses import ctpo_loss, gspo_loss  # registers "gspo", "ctpo" wherever algos is imported
+from .shaping import add_overlong_penalty, groups_with_signal, overlong_penalty
 from .value import entropy_from_logits, value_loss
 
 __all__ = [
@@ -54,6 +57,11 @@ __all__ = [
     "register_policy_loss",
     "get_policy_loss",
     "ppo_clip_loss",
+    "gspo_loss",
+    "ctpo_loss",
+    "overlong_penalty",
+    "add_overlong_penalty",
+    "groups_with_signal",
     "KL_PENALTIES",
     "register_kl_penalty",
     "kl_penalty",
