@@ -30,9 +30,10 @@ def apply_reward_kl(batch: DataProto, algo_cfg, kl_ctrl) -> dict:
     return {k: float(v) for k, v in metrics.items()}
 
 
-def compute_advantages(batch: DataProto, algo_cfg, kl_ctrl=None) -> dict:
+def compute_advantages(batch: DataProto, algo_cfg, kl_ctrl=None, **extra) -> dict:
     """Fill ``token_level_rewards``, ``advantages`` and ``returns`` with the estimator named by
-    ``algorithm.adv_estimator`` (the rest of the ``algorithm`` section is passed as its options)."""
+    ``algorithm.adv_estimator`` (the rest of the ``algorithm`` section is passed as its options, then
+    ``extra``: per-batch inputs that are not config, e.g. ReMax's ``baseline_scores``)."""
     metrics = apply_reward_kl(batch, algo_cfg, kl_ctrl)
     estimator = get_advantage(algo_cfg.adv_estimator)
     plain = OmegaConf.to_container(algo_cfg, resolve=True) if isinstance(algo_cfg, DictConfig) else dict(algo_cfg)
@@ -40,6 +41,6 @@ def compute_advantages(batch: DataProto, algo_cfg, kl_ctrl=None) -> dict:
     values = batch.batch["values"] if "values" in batch.batch.keys() else None
     with torch.no_grad():
         adv, ret = estimator(batch.batch["token_level_rewards"], batch.batch["response_mask"],
-                             index=batch.non_tensor_batch["uid"], values=values, **options)
+                             index=batch.non_tensor_batch["uid"], values=values, **{**options, **extra})
     batch.batch["advantages"], batch.batch["returns"] = adv, ret
     return metrics

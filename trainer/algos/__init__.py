@@ -4,7 +4,8 @@ A config names each piece (``algorithm.adv_estimator: grpo``, ``actor.policy_los
 ``actor.kl_loss_type: k3``, ``actor.loss_agg_mode: token-mean``) and the trainer looks it up:
 
 * advantages:      ``get_advantage(name)(token_level_rewards, response_mask, *, index=None,
-  values=None, **cfg) -> (advantages, returns)``; built in: ``gae``, ``grpo``.
+  values=None, **cfg) -> (advantages, returns)``; built in: ``gae``, ``grpo``, ``rloo``,
+  ``reinforce_plus_plus``, ``reinforce_plus_plus_baseline``, ``remax``.
 * policy losses:   ``get_policy_loss(name)(old_log_prob, log_prob, advantages, response_mask,
   *, loss_agg_mode="token-mean", **cfg) -> (loss, metrics)``; built in: ``vanilla``/``ppo``,
   ``gspo``, ``ctpo``.
@@ -28,6 +29,12 @@ Add your own::
 """
 from .advantages import ADVANTAGES, gae_advantage, get_advantage, grpo_advantage, register_advantage
 from .aggregation import AGG_MODES, agg_loss, agg_loss_modes, register_agg_mode
+from .baselines import (  # registers "rloo", "reinforce_plus_plus(_baseline)", "remax"
+    reinforce_plus_plus_advantage,
+    reinforce_plus_plus_baseline_advantage,
+    remax_advantage,
+    rloo_advantage,
+)
 from .kl import (
     KL_PENALTIES,
     AdaptiveKLController,
@@ -53,6 +60,10 @@ __all__ = [
     "get_advantage",
     "gae_advantage",
     "grpo_advantage",
+    "rloo_advantage",
+    "reinforce_plus_plus_advantage",
+    "reinforce_plus_plus_baseline_advantage",
+    "remax_advantage",
     "POLICY_LOSSES",
     "register_policy_loss",
     "get_policy_loss",
