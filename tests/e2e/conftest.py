@@ -153,3 +153,11 @@ def ray_e2e():
     import ray
 
     yield ray
+
+
+@pytest.fixture(scope="session")
+def warmed(tmp_path_factory):
+    """The quick start's half-trained SFT model and digit-reversal data (built once per session):
+    the overrides that point a recipe at them (see recipes/quickstart.py ``prepare``)."""
+    quickstart = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "quickstart.py")
+    return runpy.run_path(quickstart)["prepare"](str(tmp_path_factory.mktemp("quickstart")))

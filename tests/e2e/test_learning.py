@@ -16,12 +16,6 @@ def recipe(name):
     return runpy.run_path(os.path.join(RECIPES, f"{name}.py"))
 
 
-@pytest.fixture(scope="session")
-def warmed(tmp_path_factory):
-    root = tmp_path_factory.mktemp("quickstart")
-    return recipe("quickstart")["prepare"](str(root))
-
-
 def reward_gain(run_dir):
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     rewards = [r["reward/mean"] for r in rows if "reward/mean" in r]

@@ -18,12 +18,6 @@ def recipe(name):
     return runpy.run_path(os.path.join(RECIPES, f"{name}.py"))["main"]
 
 
-@pytest.fixture(scope="session")
-def warmed(tmp_path_factory):
-    root = tmp_path_factory.mktemp("quickstart_baselines")
-    return runpy.run_path(os.path.join(RECIPES, "quickstart.py"))["prepare"](str(root))
-
-
 @pytest.fixture
 def runs(monkeypatch):
     """Every RLRun made during the test, closed afterwards (stops Ray workers), also on failure."""

@@ -15,12 +15,6 @@ from .conftest import comparable, read_rows, run_recipe, train_rows
 RECIPES = os.path.join(os.path.dirname(__file__), "..", "..", "recipes")
 
 
-@pytest.fixture(scope="session")
-def warmed(tmp_path_factory):
-    root = tmp_path_factory.mktemp("quickstart_zoo")
-    return runpy.run_path(os.path.join(RECIPES, "quickstart.py"))["prepare"](str(root))
-
-
 @pytest.fixture
 def stop_ray_groups(monkeypatch):
     """Stop the Ray worker groups of every RLRun made in the test (a script just exits)."""
