@@ -11,7 +11,6 @@ out of band (zero-copy into Ray's object store) instead of copying tensor storag
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -293,7 +292,3 @@ def pad_rows_in_chunks(total: int, chunks: int, pad: int) -> list[int]:
     size = total // chunks
     first_pad = total - pad
     return [max(0, min(size, (i + 1) * size - first_pad)) for i in range(chunks)]
-
-
-def ceil_div(a: int, b: int) -> int:
-    return int(math.ceil(a / b))
