@@ -161,3 +161,20 @@ def warmed(tmp_path_factory):
     the overrides that point a recipe at them (see recipes/quickstart.py ``prepare``)."""
     quickstart = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "quickstart.py")
     return runpy.run_path(quickstart)["prepare"](str(tmp_path_factory.mktemp("quickstart")))
+
+
+@pytest.fixture
+def runs(monkeypatch):
+    """Every RLRun made during the test, closed afterwards (stops Ray workers), also on failure."""
+    from hybridflow.trainer.run import RLRun
+
+    made, original = [], RLRun.__init__
+
+    def init(self, cfg):
+        original(self, cfg)
+        made.append(self)
+
+    monkeypatch.setattr(RLRun, "__init__", init)
+    yield made
+    for run in made:
+        run.close()

@@ -6,7 +6,6 @@ import pytest
 
 from hybridflow.config import parse_cli
 from hybridflow.trainer.rewards import RewardError
-from hybridflow.trainer.run import RLRun
 
 from .conftest import RECIPES, read_rows, run_recipe, train_rows
 
@@ -14,23 +13,6 @@ pytestmark = pytest.mark.ray
 
 CONTRACT = ("step", "reward/mean", "response_length/mean", "timing/step_s", "throughput/tokens_per_s")
 GRPO_STAGES = ("gen", "reward", "old_log_prob", "ref", "adv", "update_actor")
-
-
-@pytest.fixture
-def runs(monkeypatch):
-    """Every RLRun made during the test; their Ray worker groups are stopped afterwards (RLRun does
-    not stop them: a script just exits), also when the run failed."""
-    made = []
-    original = RLRun.__init__
-
-    def init(self, cfg):
-        original(self, cfg)
-        made.append(self)
-
-    monkeypatch.setattr(RLRun, "__init__", init)
-    yield made
-    for run in made:
-        run.close()
 
 
 def test_grpo_ray_two_ranks(assets, tmp_path, ray_e2e, runs):

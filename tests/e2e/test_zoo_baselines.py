@@ -18,23 +18,6 @@ def recipe(name):
     return runpy.run_path(os.path.join(RECIPES, f"{name}.py"))["main"]
 
 
-@pytest.fixture
-def runs(monkeypatch):
-    """Every RLRun made during the test, closed afterwards (stops Ray workers), also on failure."""
-    from hybridflow.trainer.run import RLRun
-
-    made, original = [], RLRun.__init__
-
-    def init(self, cfg):
-        original(self, cfg)
-        made.append(self)
-
-    monkeypatch.setattr(RLRun, "__init__", init)
-    yield made
-    for run in made:
-        run.close()
-
-
 def train_rows(run_dir):
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     return [r for r in rows if "reward/mean" in r]

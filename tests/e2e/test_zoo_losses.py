@@ -15,26 +15,6 @@ from .conftest import comparable, read_rows, run_recipe, train_rows
 RECIPES = os.path.join(os.path.dirname(__file__), "..", "..", "recipes")
 
 
-@pytest.fixture
-def stop_ray_groups(monkeypatch):
-    """Stop the Ray worker groups of every RLRun made in the test (a script just exits)."""
-    from hybridflow.trainer.run import RLRun
-
-    made, original = [], RLRun.__init__
-
-    def init(self, cfg):
-        original(self, cfg)
-        made.append(self)
-
-    monkeypatch.setattr(RLRun, "__init__", init)
-    yield
-    for run in made:
-        if run.groups and run.cfg.executor == "ray":
-            group = next(iter(run.groups.values()))
-            group.shutdown()
-            group.pool.shutdown()
-
-
 def first_last(run_dir, key):
     values = [r[key] for r in train_rows(run_dir).values()]
     first, last = sum(values[:5]) / 5, sum(values[-5:]) / 5
@@ -57,7 +37,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("name,executor,steps,metric,gain", CASES)
-def test_zoo_recipe_learns(warmed, tmp_path, stop_ray_groups, name, executor, steps, metric, gain):
+def test_zoo_recipe_learns(warmed, tmp_path, runs, name, executor, steps, metric, gain):
     if "executor=ray" in executor:
         pytest.importorskip("ray")
     run = runpy.run_path(os.path.join(RECIPES, f"{name}.py"))["main"](
