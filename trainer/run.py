@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from hybridflow import DataProto
 from hybridflow.config import ConfigError, require_choice
+from hybridflow.workers.rollout import ROLLOUT_BACKENDS
 from hybridflow.trainer.algos import ADVANTAGES, POLICY_LOSSES, agg_loss_modes, make_kl_controller
 from hybridflow.trainer.checkpoint import CheckpointManager, resolve_resume
 from hybridflow.trainer.data import PromptDataset, PromptLoader
@@ -44,6 +45,8 @@ def check_config(cfg) -> None:
     require_choice(cfg, "algorithm.adv_estimator", ADVANTAGES.names())
     require_choice(cfg, "actor.policy_loss", POLICY_LOSSES.names())
     require_choice(cfg, "actor.loss_agg_mode", agg_loss_modes())
+    if OmegaConf.select(cfg, "rollout.backend") is not None:
+        require_choice(cfg, "rollout.backend", ROLLOUT_BACKENDS)
     if not os.path.isdir(str(cfg.model.path)):
         raise ConfigError(f"model.path: {cfg.model.path!r} is not a directory (a local HF checkpoint)")
     for key in ("model.path", "ref.model_path", "critic.model_path", "reward.model_path"):

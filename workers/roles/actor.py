@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from hybridflow import DataProto, Dispatch, Worker, register
 from hybridflow.trainer.algos import agg_loss, get_policy_loss, kl_penalty
+from hybridflow.workers.rollout import build_rollout
 from hybridflow.workers.roles.common import EngineStateMixin, build_engine, optimizer_steps, run_updates, section
 
 SAMPLING_KEYS = ("n", "temperature", "top_p", "top_k", "do_sample", "max_new_tokens", "seed", "ignore_eos")
@@ -30,16 +31,9 @@ class ActorWorker(EngineStateMixin, Worker):
         self.rollout_cfg = section(config, "rollout")
         self.engine = build_engine(config.model.path, self.cfg, total_steps=optimizer_steps(config, self.cfg),
                                    seed=int(config.get("seed", 0)))
-        self.rollout = self._build_rollout(self.rollout_cfg.get("backend", "hf"))
+        self.rollout = build_rollout(self.rollout_cfg.get("backend", "hf"), self.engine, self.rollout_cfg, config)
         self.set_dispatch_info("actor", dp_rank=self.rank, dp_size=self.world_size, collect=True)
         self.policy_loss = get_policy_loss(self.cfg.get("policy_loss", "ppo"))
-
-    def _build_rollout(self, backend: str):
-        if backend != "hf":
-            raise ValueError(f"unknown rollout backend {backend!r}; available: ('hf',)")
-        from hybridflow.workers.rollout.hf import HFRollout
-
-        return HFRollout(self.engine.module, self.engine.tokenizer, self.engine.device)
 
     @register(dispatch=Dispatch.MESH_PROTO, mesh="actor")
     def generate(self, prompts: DataProto) -> DataProto:

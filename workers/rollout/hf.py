@@ -151,3 +151,8 @@ class HFRollout(Rollout):
         log_probs = torch.nn.functional.pad(log_probs, (0, missing))
         return finish_rollout_batch(prompts, new_tokens, log_probs, n=n, eos_token_ids=eos, pad_token_id=pad,
                                     ignore_eos=ignore_eos)
+
+
+def from_engine(engine, rollout_cfg: dict, config=None) -> HFRollout:
+    """``rollout.backend=hf``: generate on the engine's own (possibly FSDP2-sharded) module."""
+    return HFRollout(engine.module, engine.tokenizer, engine.device)
