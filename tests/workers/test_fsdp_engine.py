@@ -220,3 +220,58 @@ def test_config_errors_name_the_cause(tiny_ckpt, tmp_path):
     ids = torch.ones(2, 5, dtype=torch.long)
     with pytest.raises(ValueError, match="loss_mask must be"):
         engine.forward(TensorDict({"input_ids": ids, "attention_mask": ids, "loss_mask": ids}, batch_size=[2]))
+
+
+# ---------------------------------------------------------------- remove_padding (packed tokens)
+def tokens_seen(engine):
+    """Record the input shapes the decoder's embedding sees (proves no padding is computed)."""
+    shapes = []
+    engine.module.get_input_embeddings().register_forward_hook(lambda m, i, o: shapes.append(tuple(i[0].shape)))
+    return shapes
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_packed_forward_equals_padded(tiny_ckpt, make_rl_batch, temperature):
+    batch = make_rl_batch([6, 3, 5, 1, 4], [5, 2, 4, 1, 5])  # includes a length-1 prompt and response
+    padded = FSDPEngine({"model_path": tiny_ckpt, "forward_micro_batch_size": 2})
+    packed = FSDPEngine({"model_path": tiny_ckpt, "forward_micro_batch_size": 2, "remove_padding": True})
+    shapes = tokens_seen(packed)
+    ref = padded.forward(batch, temperature=temperature, with_entropy=True)
+    out = packed.forward(batch, temperature=temperature, with_entropy=True)
+    for key in ("log_probs", "entropy"):
+        torch.testing.assert_close(out[key], ref[key], atol=1e-5, rtol=1e-5)
+    assert out["log_probs"].abs().sum() > 0
+    real = batch["attention_mask"].sum(-1).tolist()
+    assert shapes == [(1, real[0] + real[1]), (1, real[2] + real[3]), (1, real[4])]  # one row, no pads
+
+
+def test_packed_value_model_and_all_token_mode(tiny_ckpt, make_rl_batch):
+    batch = make_rl_batch([6, 3, 5], [5, 2, 1])
+    for model_type in ("value", "causal_lm"):
+        ref = FSDPEngine({"model_path": tiny_ckpt, "model_type": model_type}).forward(batch)
+        out = FSDPEngine({"model_path": tiny_ckpt, "model_type": model_type, "remove_padding": True}).forward(batch)
+        key = "values" if model_type == "value" else "log_probs"
+        torch.testing.assert_close(out[key], ref[key], atol=1e-5, rtol=1e-5)
+    # all-token (SFT) mode with right padding
+    ids = torch.randint(2, 258, (3, 9), generator=torch.Generator().manual_seed(1))
+    am = torch.ones_like(ids)
+    am[1, 6:] = 0
+    ids[1, 6:] = 0
+    sft = TensorDict({"input_ids": ids, "attention_mask": am}, batch_size=[3])
+    ref = FSDPEngine({"model_path": tiny_ckpt}).forward(sft)["log_probs"]
+    out = FSDPEngine({"model_path": tiny_ckpt, "remove_padding": True}).forward(sft)["log_probs"]
+    assert out.shape == (3, 8)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_train_step_equals_padded(tiny_ckpt, make_rl_batch, nll_loss):
+    batch = make_rl_batch([6, 3, 5, 2], [5, 2, 4, 1])
+    results = []
+    for extra in ({}, {"remove_padding": True}, {"remove_padding": True, "max_tokens_per_micro_batch": 11}):
+        engine = FSDPEngine({"model_path": tiny_ckpt, **SGD_LIKE, **extra})
+        metrics = engine.train_batch(batch, nll_loss)
+        results.append((full_params(engine), metrics))
+    for params, metrics in results[1:]:
+        assert_params_close(params, results[0][0], atol=5e-6)
+        assert metrics["loss"] == pytest.approx(results[0][1]["loss"], rel=1e-5)
+        assert metrics["grad_norm"] == pytest.approx(results[0][1]["grad_norm"], rel=1e-5)

@@ -74,6 +74,9 @@ class EngineConfig:
         then only caps the rows.
     forward_micro_batch_size / forward_max_tokens_per_micro_batch (None): the same for
         ``forward`` (no grad, so usually larger); None = the training values.
+    remove_padding (False): pack each micro-batch's real tokens into one sequence (position ids
+        restart per sequence, block-diagonal attention) so no compute goes to padding; outputs are
+        the same as the padded path's up to float rounding. Worth it when responses vary in length.
     seed (0): seeds the value-head initialisation.
     """
 
@@ -97,6 +100,7 @@ class EngineConfig:
     max_tokens_per_micro_batch: Optional[int] = None
     forward_micro_batch_size: Optional[int] = None
     forward_max_tokens_per_micro_batch: Optional[int] = None
+    remove_padding: bool = False
     seed: int = 0
 
     @classmethod

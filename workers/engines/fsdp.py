@@ -206,6 +206,8 @@ class FSDPEngine(TrainEngine):
         where ``attention_mask`` is 0."""
         attn = mb["attention_mask"]
         pos = mb["position_ids"] if "position_ids" in mb.keys() else _position_ids(attn)
+        if self.config.remove_padding:
+            return TensorDict(self._packed_outputs(mb, pos, temperature, with_entropy), batch_size=[attn.shape[0]])
         real = attn.bool().any(0).nonzero().flatten()
         length = attn.shape[1]
         first, last = (int(real[0]), int(real[-1]) + 1) if len(real) else (0, length)
@@ -251,6 +253,39 @@ class FSDPEngine(TrainEngine):
         if with_entropy:
             out["entropy"] = F.pad(ent, pad) * mask
         return out
+
+    def _packed_outputs(self, mb, pos, temperature, with_entropy) -> Dict[str, torch.Tensor]:
+        """``remove_padding``: the micro-batch's real tokens packed into one row ``[1, T]`` with
+        ``position_ids`` restarting at 0 for every sequence and ``attention_mask=None``, which
+        transformers turns into a block-diagonal causal mask (varlen kernels with flash-attention).
+        No compute is spent on padding. Outputs are scattered back to ``[B, L]``: column ``t``
+        holds the prediction made at token ``t`` (of token ``t + 1``), then sliced as the padded
+        path slices them (responses: columns ``P-1 .. P+R-2``)."""
+        input_ids, attn = mb["input_ids"], mb["attention_mask"].bool()
+        ids = input_ids[attn]
+        res = self._module(input_ids=ids[None], position_ids=pos[attn][None], attention_mask=None,
+                           use_cache=False)
+        value = self.config.model_type == "value"
+
+        def unpack(x: torch.Tensor) -> torch.Tensor:  # [T] at the real tokens -> [B, L]
+            return torch.zeros(attn.shape, dtype=x.dtype, device=x.device).masked_scatter(attn, x)
+
+        if value:
+            outputs = {"values": unpack(res.logits[0, :, 0].float())}
+        else:  # label of packed token j is token j + 1; wrong across sequence ends, masked below
+            lp, ent = token_log_probs(res.logits[0], ids.roll(-1), temperature, with_entropy)
+            outputs = {"log_probs": unpack(lp)}
+            if with_entropy:
+                outputs["entropy"] = unpack(ent)
+        if "responses" in mb.keys():
+            resp_len = mb["responses"].shape[1]
+            p = attn.shape[1] - resp_len
+            mask = attn[:, p:].to(torch.float32)
+            return {k: v[:, p - 1:p - 1 + resp_len] * mask for k, v in outputs.items()}
+        if value:
+            return {"values": outputs["values"] * attn.to(torch.float32)}
+        mask = attn[:, 1:].to(torch.float32)  # target token t+1 is real
+        return {k: v[:, :-1] * mask for k, v in outputs.items()}
 
     # ------------------------------------------------------------------ public compute
     def forward(self, batch: TensorDict, *, temperature: float = 1.0, with_entropy: bool = False) -> TensorDict:

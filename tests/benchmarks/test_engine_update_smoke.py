@@ -1,0 +1,30 @@
+"""Smoke test of benchmarks/engine_update.py (no timing assertions: numbers depend on the machine)."""
+import json
+import math
+
+import torch
+
+from benchmarks.engine_update import main, make_batch
+
+
+def test_batch_has_the_documented_padding():
+    batch = make_batch(rows=32, prompt_length=8, response_length=6, vocab=258)
+    am, rm = batch["attention_mask"], batch["response_mask"]
+    p_len, r_len = am[:, :8].sum(-1), rm.sum(-1)
+    assert p_len.min() >= 4 and p_len.max() <= 8 and r_len.min() >= 1 and r_len.max() <= 6
+    assert torch.equal(am[:, 8:], rm) and (batch["input_ids"] * (1 - am)).abs().sum() == 0
+    assert (am[:, :8].diff(dim=1) >= 0).all()  # left padding: 0s then 1s
+
+
+def test_tiny_run_writes_both_variants(tmp_path, monkeypatch):
+    monkeypatch.chdir(__file__.rsplit("/tests/", 1)[0])
+    torch.set_num_threads(1)
+    out = tmp_path / "eu.json"
+    report = main(["--config", "benchmarks/configs/tiny.yaml", "--rows", "6", "--micro-batch-size", "3",
+                   "--steps", "1", "--peak-tflops", "0.05", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert 0 < report["meta"]["padding_fraction"] < 1
+    for name in ("padded", "packed"):
+        r = report["variants"][name]
+        assert len(r["times_s"]) == 1 and all(math.isfinite(v) and v > 0
+                                               for v in (r["update_s"], r["real_tokens_per_s"], r["update_mfu"]))
