@@ -158,7 +158,27 @@ def parse_cli(argv: list[str], default_config: str) -> DictConfig:
     for item in argv:
         if item.startswith("-") and not item.startswith("+"):
             raise ConfigError(f"unknown option {item!r}; use key=value overrides or --config PATH")
-    return load_config(path, argv)
+    cfg = load_config(path, argv)
+    if os.path.abspath(path) != os.path.abspath(default_config) and os.path.isfile(default_config):
+        check_keys(_load_yaml(path), _load_yaml(default_config), path, default_config)
+    return cfg
+
+
+def check_keys(cfg: DictConfig, schema: DictConfig, source: str, schema_source: str) -> None:
+    """Every key of ``cfg`` (a user's ``--config`` file) must exist in ``schema`` (the recipe's own
+    YAML), so a typo in a file fails like a typo on the command line. Below a key whose default is
+    ``null`` or ``{}`` anything goes (free-form sections)."""
+    known = set(all_keys(schema))
+    free = {k for k in known if OmegaConf.select(schema, k) is None
+            or (isinstance(OmegaConf.select(schema, k), DictConfig) and not OmegaConf.select(schema, k))}
+    for key in all_keys(cfg):
+        parts = key.split(".")
+        if key in known or any(".".join(parts[:i]) in free for i in range(1, len(parts))):
+            continue
+        msg = unknown_key_message(key, sorted(known), source)
+        raise ConfigError(msg.replace("Prefix the key with '+' to add a new one.",
+                                      f"The recipe's config {schema_source} has no such key; to add a new one, "
+                                      f"pass it on the command line as +{key}=..."))
 
 
 def require_choice(cfg: DictConfig, key: str, choices: Iterable[str]) -> str:

@@ -285,3 +285,12 @@ def test_require_choice(cfg):
     with pytest.raises(ConfigError, match="config key 'actor.name': 'xyz' is not one of") as info:
         require_choice(apply_overrides(cfg, ["actor.name=xyz"]), "actor.name", ["ppo", "grpo"])
     assert "Did you mean" not in str(info.value)
+
+
+def test_parse_cli_config_file_keys_are_checked_against_the_recipe_yaml(tmp_path, base):
+    typo = write(tmp_path / "typo.yaml", "defaults: [base.yaml]\nactor:\n  lrr: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'actor.lrr' \(.*typo.yaml\).*Did you mean: actor.lr"):
+        parse_cli(["--config", str(typo)], str(base))
+    # a standalone file (no defaults) with known keys only, and a free-form (null) section, pass
+    ok = write(tmp_path / "ok.yaml", "actor:\n  lr: 3\n")
+    assert parse_cli(["--config", str(ok)], str(base)).actor.lr == 3
