@@ -6,17 +6,27 @@ Methods (all ``MESH_PROTO`` on the mesh ``"actor"``: each rank gets its data-par
   ``rollout`` section, overridable per call through ``prompts.meta_info`` (``n``,
   ``temperature``, ``do_sample``, ``max_new_tokens``, ``top_p``, ``top_k``, ``seed``,
   ``ignore_eos``).
-- ``compute_log_prob(batch)``: ``old_log_probs`` (and ``entropy``) at the rollout temperature.
+- ``compute_log_prob(batch)``: ``old_log_probs`` (and ``entropy``) at the rollout temperature. When
+  the batch has ``rollout_log_probs``, the rollout-vs-trainer mismatch metrics
+  (``rollout_corr/*``, workers/rollout/mismatch.py) are reported with the next ``update``, and with
+  ``actor.rollout_is`` the truncated IS weights ``rollout_is_weights = min(pi_old / pi_rollout,
+  actor.rollout_is_cap)`` that ``update`` passes to the policy loss.
 - ``update(batch)``: ``ppo_epochs`` × mini-batches of the chosen policy loss
   (``actor.policy_loss``), minus ``entropy_coeff`` × entropy, plus ``kl_loss_coef`` × KL to the
-  reference when ``use_kl_loss``.
+  reference when ``use_kl_loss``. Afterwards the rollout backend takes the new weights
+  (``rollout.sync_weights``; a no-op for hf); its metrics (``rollout/*``) come with the update's.
+
+A rollout backend with its own weight copy (vLLM) is synced before the first generation too (and
+after ``load_checkpoint``), sleeps after each generation and wakes before the next (GPU).
 """
 from __future__ import annotations
 
 from hybridflow import DataProto, Dispatch, Worker, register
 from hybridflow.trainer.algos import agg_loss, get_policy_loss, kl_penalty
 from hybridflow.workers.rollout import build_rollout
-from hybridflow.workers.roles.common import EngineStateMixin, build_engine, optimizer_steps, run_updates, section
+from hybridflow.workers.rollout.mismatch import rollout_mismatch_metrics, truncated_is_weights
+from hybridflow.workers.roles.common import (EngineStateMixin, build_engine, dispatch_position, generation_weights,
+                                             optimizer_steps, run_updates, section)
 
 SAMPLING_KEYS = ("n", "temperature", "top_p", "top_k", "do_sample", "max_new_tokens", "seed", "ignore_eos")
 
@@ -31,20 +41,40 @@ class ActorWorker(EngineStateMixin, Worker):
         self.rollout_cfg = section(config, "rollout")
         self.engine = build_engine(config.model.path, self.cfg, total_steps=optimizer_steps(config, self.cfg),
                                    seed=int(config.get("seed", 0)))
+        if self.cfg.get("backend") == "megatron" and self.rollout_cfg.get("backend", "hf") != "hf":
+            raise ValueError(f"actor.backend=megatron generates with rollout.backend=hf only, got "
+                             f"rollout.backend={self.rollout_cfg.get('backend')!r} (docs/backends.md#megatron)")
         self.rollout = build_rollout(self.rollout_cfg.get("backend", "hf"), self.engine, self.rollout_cfg, config)
-        self.set_dispatch_info("actor", dp_rank=self.rank, dp_size=self.world_size, collect=True)
+        self.dp_rank, self.dp_size, collect = dispatch_position(self.engine, self.rank, self.world_size)
+        self.set_dispatch_info("actor", dp_rank=self.dp_rank, dp_size=self.dp_size, collect=collect)
         self.policy_loss = get_policy_loss(self.cfg.get("policy_loss", "ppo"))
+        self._rollout_stale = True      # the rollout engine may not hold the actor's weights yet
+        self._rollout_metrics: dict = {}  # rollout/* and rollout_corr/* metrics, reported with the next update
+
+    def _sync_rollout(self) -> None:
+        self._rollout_metrics.update(self.rollout.sync_weights(self.engine))
+        self._rollout_stale = False
+
+    @register(dispatch=Dispatch.ONE_TO_ALL)
+    def load_checkpoint(self, path: str) -> None:
+        super().load_checkpoint(path)
+        self._rollout_stale = True
 
     @register(dispatch=Dispatch.MESH_PROTO, mesh="actor")
     def generate(self, prompts: DataProto) -> DataProto:
         opts = {k: self.rollout_cfg[k] for k in SAMPLING_KEYS if k in self.rollout_cfg}
         opts.update({k: prompts.meta_info[k] for k in SAMPLING_KEYS if k in prompts.meta_info})
         n = int(opts.pop("n", 1))
-        if opts.get("seed") is not None:  # a different stream on every rank, reproducible per step
-            opts["seed"] = int(opts["seed"]) * 1000 + self.rank
-        out = self.rollout.generate(prompts.batch.select("input_ids", "attention_mask", "position_ids"), n=n,
-                                    eos_token_id=self.engine.tokenizer.eos_token_id,
-                                    pad_token_id=self.engine.tokenizer.pad_token_id, **opts)
+        if opts.get("seed") is not None:  # a different stream on every DP rank, reproducible per step
+            opts["seed"] = int(opts["seed"]) * 1000 + self.dp_rank
+        if self._rollout_stale:
+            self._sync_rollout()
+        self._rollout_metrics.update(self.rollout.wake_up())
+        with generation_weights(self.engine):  # megatron: the gathered HF weights, released after
+            out = self.rollout.generate(prompts.batch.select("input_ids", "attention_mask", "position_ids"), n=n,
+                                        eos_token_id=self.engine.tokenizer.eos_token_id,
+                                        pad_token_id=self.engine.tokenizer.pad_token_id, **opts)
+        self._rollout_metrics.update(self.rollout.sleep())
         non_tensor = {k: v.repeat(n, axis=0) for k, v in prompts.non_tensor_batch.items()}
         meta = {**prompts.meta_info,
                 "temperature": float(opts.get("temperature", 1.0)) if opts.get("do_sample", True) else 1.0}
@@ -54,7 +84,20 @@ class ActorWorker(EngineStateMixin, Worker):
     def compute_log_prob(self, data: DataProto) -> DataProto:
         out = self.engine.forward(data.batch.select("input_ids", "attention_mask", "position_ids", "responses"),
                                   temperature=self._temperature(data), with_entropy=True)
-        return DataProto.from_dict({"old_log_probs": out["log_probs"], "entropy": out["entropy"]})
+        result = DataProto.from_dict({"old_log_probs": out["log_probs"], "entropy": out["entropy"]})
+        has_rollout = "rollout_log_probs" in data.batch.keys() and "response_mask" in data.batch.keys()
+        if self.cfg.get("rollout_is", False) and not has_rollout:
+            raise ValueError("actor.rollout_is=true needs the rollout's 'rollout_log_probs' and 'response_mask' "
+                             f"in the batch given to compute_log_prob; it has {list(data.batch.keys())}")
+        if has_rollout:  # metrics go out with the next update (meta_info['metrics'] of the batch is the reward's)
+            rollout_lp, mask = data.batch["rollout_log_probs"], data.batch["response_mask"]
+            self._rollout_metrics.update(rollout_mismatch_metrics(rollout_lp, out["log_probs"], mask))
+            if self.cfg.get("rollout_is", False):
+                weights, is_metrics = truncated_is_weights(rollout_lp, out["log_probs"], mask,
+                                                           float(self.cfg.get("rollout_is_cap", 2.0)))
+                result.batch["rollout_is_weights"] = weights
+                self._rollout_metrics.update(is_metrics)
+        return result
 
     def _temperature(self, data: DataProto) -> float:
         return float(data.meta_info.get("temperature", self.rollout_cfg.get("temperature", 1.0)))
@@ -65,7 +108,8 @@ class ActorWorker(EngineStateMixin, Worker):
         mode = cfg.get("loss_agg_mode", "token-mean")
         entropy_coeff = float(cfg.get("entropy_coeff", 0.0))
         use_kl = bool(cfg.get("use_kl_loss", False))
-        loss_options = {k: v for k, v in cfg.items() if k not in ("rollout_is_weights", "norm_constant")}
+        loss_options = {k: v for k, v in cfg.items()
+                        if k not in ("rollout_is_weights", "norm_constant", "rollout_is", "rollout_is_cap")}
 
         def loss_fn(mb, out):
             mask = mb["response_mask"]
@@ -88,6 +132,9 @@ class ActorWorker(EngineStateMixin, Worker):
 
         keys = ["input_ids", "attention_mask", "position_ids", "responses", "response_mask", "old_log_probs",
                 "advantages", "ref_log_probs", "rollout_is_weights"]
-        out = run_updates(self.engine, data, keys, loss_fn, cfg, dp_size=self.world_size, prefix="actor",
+        out = run_updates(self.engine, data, keys, loss_fn, cfg, dp_size=self.dp_size, prefix="actor",
                           temperature=self._temperature(data), with_entropy=True)
+        self._sync_rollout()  # the rollout engine takes the new weights (no-op for hf)
+        out.meta_info["metrics"].update(self._rollout_metrics)
+        self._rollout_metrics = {}
         return out

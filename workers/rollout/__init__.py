@@ -13,6 +13,8 @@ __all__ = ["ROLLOUT_BACKENDS", "build_rollout"]
 # name -> "module:factory"; a factory takes (engine, rollout_cfg: dict, config) and returns a Rollout.
 ROLLOUT_BACKENDS = {
     "hf": "hybridflow.workers.rollout.hf:from_engine",
+    "vllm": "hybridflow.workers.rollout.vllm:from_engine",
+    "static": "hybridflow.workers.rollout.static:from_engine",  # static KV cache, CUDA-graph decode (static.py)
 }
 
 

@@ -41,6 +41,21 @@ class Rollout(ABC):
                  seed: Optional[int] = None, ignore_eos: bool = False) -> TensorDict:
         """Sample ``n`` responses per prompt; returns the columns listed in the module docstring."""
 
+    # Hooks for backends that hold their own copy of the weights (vLLM). The defaults do nothing,
+    # which is right for a backend that generates on the actor's own module (hf). Each returns
+    # a dict of metrics (possibly empty).
+    def sync_weights(self, engine) -> dict:
+        """Copy ``engine``'s current weights into the rollout engine (after each actor update)."""
+        return {}
+
+    def sleep(self) -> dict:
+        """Release generation memory (KV cache, weight copy) while the actor trains."""
+        return {}
+
+    def wake_up(self) -> dict:
+        """Restore what :meth:`sleep` released, before the next generation."""
+        return {}
+
 
 def response_mask_from_eos(responses: torch.Tensor, eos_token_ids: Sequence[int]) -> torch.Tensor:
     """``[B, R]`` long mask: 1 on every token up to and including the first EOS of the row."""
