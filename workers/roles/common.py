@@ -1,6 +1,7 @@
 """What the role workers share: building an engine from a config section, mini-batch loops."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Callable, Iterator
 
@@ -12,7 +13,7 @@ from tensordict import TensorDict
 from hybridflow import DataProto, Dispatch, register
 from hybridflow.trainer.metrics import reduce_metrics
 
-BACKENDS = ("fsdp",)
+BACKENDS = ("fsdp", "megatron")  # `actor.backend` / `critic.backend` (the reference follows the actor)
 
 
 def section(cfg: Any, name: str) -> dict:
@@ -35,20 +36,42 @@ def build_engine(model_path: str, role_cfg: dict, *, model_type: str = "causal_l
                  total_steps: int | None = None, seed: int = 0):
     """The training engine named by ``role_cfg['backend']`` (default fsdp). Engine keys are taken
     from the role's section (``actor.lr``, ``actor.micro_batch_size``, ...); the rest of the
-    section belongs to the role. A frozen model (reference, reward model) gets lr 0."""
-    from hybridflow.workers.engines.fsdp import FSDPEngine, FSDPEngineConfig
-
+    section belongs to the role. A frozen model (reference, reward model) gets lr 0.
+    ``backend: megatron`` also reads the layout keys of the role's ``megatron`` sub-section
+    (``tp``, ``pp``, ``use_distributed_optimizer``, ``overlap_grad_reduce``)."""
     backend = role_cfg.get("backend", "fsdp")
     if backend not in BACKENDS:
         raise ValueError(f"unknown training backend {backend!r}; available: {BACKENDS}")
-    fields = {f.name for f in dataclasses.fields(FSDPEngineConfig)}
+    if backend == "megatron":
+        from hybridflow.workers.engines.megatron import MegatronEngine as Engine
+        from hybridflow.workers.engines.megatron import MegatronEngineConfig as EngineCls
+    else:
+        from hybridflow.workers.engines.fsdp import FSDPEngine as Engine
+        from hybridflow.workers.engines.fsdp import FSDPEngineConfig as EngineCls
+    fields = {f.name for f in dataclasses.fields(EngineCls)}
     values = {k: v for k, v in role_cfg.items() if k in fields}
+    if backend == "megatron":
+        values.update({k: v for k, v in (role_cfg.get("megatron") or {}).items() if v is not None})
     values.update(model_path=model_path, model_type=model_type, seed=seed)
     if total_steps:
         values.setdefault("total_steps", total_steps)
     if not trainable:
         values.update(lr=0.0, lr_schedule="constant", warmup_steps=0, warmup_ratio=0.0)
-    return FSDPEngine(values)
+    return Engine(values)
+
+
+def dispatch_position(engine, rank: int, world_size: int) -> tuple[int, int, bool]:
+    """``(dp_rank, dp_size, collect)`` of this rank for ``Worker.set_dispatch_info``: the engine's
+    own (megatron: one chunk per DP group, answered by TP rank 0 of the last stage) or, for
+    engines that do not declare one (FSDP: every rank is a DP rank), ``(rank, world_size, True)``."""
+    return getattr(engine, "dispatch_info", None) or (rank, world_size, True)
+
+
+def generation_weights(engine):
+    """Context manager around a rollout on ``engine.module``: engines that keep no HF module
+    (megatron) load the gathered weights into it for the body; others need nothing."""
+    context = getattr(engine, "generation_context", None)
+    return context() if context is not None else contextlib.nullcontext()
 
 
 def mini_batches(batch: TensorDict, mini_batch_size: int, epochs: int, dp_size: int, seed: int,

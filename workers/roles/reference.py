@@ -6,7 +6,7 @@ temperature (the same convention as the actor's ``old_log_probs``)."""
 from __future__ import annotations
 
 from hybridflow import DataProto, Dispatch, Worker, register
-from hybridflow.workers.roles.common import build_engine, section
+from hybridflow.workers.roles.common import build_engine, dispatch_position, section
 
 
 class ReferenceWorker(Worker):
@@ -16,7 +16,7 @@ class ReferenceWorker(Worker):
         ref_cfg = {**section(config, "actor"), **section(config, "ref")}
         self.engine = build_engine(ref_cfg.get("model_path") or config.model.path, ref_cfg, trainable=False)
         self.temperature = float(section(config, "rollout").get("temperature", 1.0))
-        self.set_dispatch_info("ref", dp_rank=self.rank, dp_size=self.world_size, collect=True)
+        self.set_dispatch_info("ref", *dispatch_position(self.engine, self.rank, self.world_size))
 
     @register(dispatch=Dispatch.MESH_PROTO, mesh="ref")
     def compute_ref_log_prob(self, data: DataProto) -> DataProto:
