@@ -49,7 +49,8 @@ def check_config(cfg) -> None:
         require_choice(cfg, "rollout.backend", ROLLOUT_BACKENDS)
     if not os.path.isdir(str(cfg.model.path)):
         raise ConfigError(f"model.path: {cfg.model.path!r} is not a directory (a local HF checkpoint)")
-    for key in ("model.path", "ref.model_path", "critic.model_path", "reward.model_path"):
+    for key in ("model.path", "ref.model_path", "critic.model_path", "reward.model_path", "cost.model_path",
+                "cost_critic.model_path"):
         path = OmegaConf.select(cfg, key)
         if path and not os.path.isfile(os.path.join(str(path), "config.json")):
             raise ConfigError(f"{key}: {path!r} is not a Hugging Face checkpoint directory (no config.json; "
@@ -58,12 +59,13 @@ def check_config(cfg) -> None:
         path = OmegaConf.select(cfg, key)
         if path and not os.path.exists(str(path)):
             raise ConfigError(f"{key}: file not found: {path}")
-    if cfg.reward.get("function"):
-        spec = str(cfg.reward.function)
-        if ":" in spec and not spec.startswith("builtin:"):  # absolute, so Ray workers find it too
-            file, name = spec.rsplit(":", 1)
-            cfg.reward.function = f"{os.path.abspath(file)}:{name}"
-        load_reward_function(cfg.reward.function)
+    for sec in ("reward", "cost"):  # cost: Safe RLHF's cost function, loaded like the reward
+        if OmegaConf.select(cfg, f"{sec}.function"):
+            spec = str(cfg[sec].function)
+            if ":" in spec and not spec.startswith("builtin:"):  # absolute, so Ray workers find it too
+                file, name = spec.rsplit(":", 1)
+                cfg[sec].function = f"{os.path.abspath(file)}:{name}"
+            load_reward_function(cfg[sec].function)
     resume = cfg.trainer.get("resume", "auto")
     if resume not in (None, False, "auto", "never"):  # an explicit checkpoint path must exist now
         try:
@@ -104,13 +106,16 @@ class RLRun:
         self.timer = Timer()
         self.step = 0
         self.groups: dict = {}
+        self.controllers: dict = {}
         self.tracker: Tracker | None = None
         self.bar: tqdm | None = None
 
     # ------------------------------------------------------------------ set-up
-    def attach(self, **groups) -> None:
-        """Remember the worker groups (for validation and checkpoints) and resume if asked."""
-        self.groups = groups
+    def attach(self, controllers: dict | None = None, **groups) -> None:
+        """Remember the worker groups (for validation and checkpoints) and resume if asked.
+        ``controllers``: controller-side objects with state (``state_dict()``/``load_state_dict()``,
+        e.g. a Lagrange multiplier), saved in each checkpoint under their names and restored."""
+        self.groups, self.controllers = groups, dict(controllers or {})
         path = resolve_resume(self.cfg.trainer.get("resume", "auto"), self.run_dir)
         if path is not None:
             state = self.ckpt.load(path)
@@ -118,6 +123,10 @@ class RLRun:
                 group.load_checkpoint(str(path / name))
             self.loader.load_state_dict(state["loader"])
             self.kl_ctrl.value = float(state["kl_coef"])
+            for name, ctrl in self.controllers.items():
+                if name not in state.get("controllers", {}):
+                    raise ValueError(f"resume: {path} holds no state for the controller {name!r}")
+                ctrl.load_state_dict(state["controllers"][name])
             self.step = int(state["step"])
             logger.info("resumed from %s (step %d)", path, self.step)
         elif (self.run_dir / METRICS_FILE).exists():
@@ -198,6 +207,8 @@ class RLRun:
                 group.save_checkpoint(os.path.join(tmp, name))
 
         state = {"step": self.step, "loader": self.loader.state_dict(), "kl_coef": self.kl_ctrl.value}
+        if self.controllers:
+            state["controllers"] = {name: ctrl.state_dict() for name, ctrl in self.controllers.items()}
         return self.ckpt.save(self.step, save_fn, state)
 
     def close(self) -> None:

@@ -7,6 +7,8 @@ All follow the per-sample signature ``fn(prompt, response, ground_truth, **extra
 - ``gsm8k``: numeric final-answer check, see :func:`gsm8k`.
 - ``addition``: the quick start's synthetic task, see
   :func:`hybridflow.trainer.tasks.arithmetic.addition_reward`.
+- ``foreign_digit``: a *cost* for the digit-reversal task (Safe RLHF, ``cost.function``): 1.0 when
+  the response uses a digit its prompt does not have, see :func:`foreign_digit`.
 """
 from __future__ import annotations
 
@@ -81,8 +83,17 @@ def gsm8k(prompt: str, response: str, ground_truth: Any, *, format_score: float 
     return float(format_score)
 
 
+def foreign_digit(prompt: str, response: str, ground_truth: Any, **extra: Any) -> float:
+    """1.0 if the response contains a digit that does not occur in the prompt, else 0.0.
+
+    A cost a user can check by eye on the quick start's task (``"40213="``: any of 5-9 in the
+    answer costs 1). The right answer never costs anything: it only reorders the prompt's digits."""
+    return 1.0 if any(c.isdigit() and c not in str(prompt) for c in str(response)) else 0.0
+
+
 BUILTINS: dict[str, Callable[..., float]] = {
     "exact_match": exact_match,
     "gsm8k": gsm8k,
     "addition": addition_reward,
+    "foreign_digit": foreign_digit,
 }

@@ -3,27 +3,33 @@
 ``compute_values`` → ``values`` ``[B, R]`` (value of the state before each response token);
 ``update`` runs ``ppo_epochs`` × mini-batches of
 ``0.5 · max((V − R)², (V_old + clip(V − V_old, ±cliprange_value) − R)²)``.
+:class:`CostCriticWorker` is the same role for Safe RLHF's cost: section ``cost_critic``, keys
+``cost_values`` / ``cost_returns``, metrics ``cost_critic/*``.
 """
 from __future__ import annotations
 
 from hybridflow import DataProto, Dispatch, Worker, register
 from hybridflow.trainer.algos import value_loss
-from hybridflow.workers.roles.common import EngineStateMixin, build_engine, optimizer_steps, run_updates, section
+from hybridflow.workers.roles.common import (EngineStateMixin, build_engine, dispatch_position, optimizer_steps,
+                                             run_updates, section)
 
 
 class CriticWorker(EngineStateMixin, Worker):
+    SECTION, VALUES, RETURNS = "critic", "values", "returns"  # config section, batch keys it reads/writes
+
     def __init__(self, config):
         super().__init__()
         self.init_distributed()
-        self.cfg = section(config, "critic")
+        self.cfg = section(config, self.SECTION)
         self.engine = build_engine(self.cfg.get("model_path") or config.model.path, self.cfg, model_type="value",
                                    total_steps=optimizer_steps(config, self.cfg), seed=int(config.get("seed", 0)))
-        self.set_dispatch_info("critic", dp_rank=self.rank, dp_size=self.world_size, collect=True)
+        self.dp_rank, self.dp_size, collect = dispatch_position(self.engine, self.rank, self.world_size)
+        self.set_dispatch_info("critic", dp_rank=self.dp_rank, dp_size=self.dp_size, collect=collect)
 
     @register(dispatch=Dispatch.MESH_PROTO, mesh="critic")
     def compute_values(self, data: DataProto) -> DataProto:
         out = self.engine.forward(data.batch.select("input_ids", "attention_mask", "position_ids", "responses"))
-        return DataProto.from_dict({"values": out["values"] * data.batch["response_mask"]})
+        return DataProto.from_dict({self.VALUES: out["values"] * data.batch["response_mask"]})
 
     @register(dispatch=Dispatch.MESH_PROTO, mesh="critic")
     def update(self, data: DataProto) -> DataProto:
@@ -31,8 +37,15 @@ class CriticWorker(EngineStateMixin, Worker):
         clip = float(self.cfg.get("cliprange_value", 0.5))
 
         def loss_fn(mb, out):
-            loss, metrics = value_loss(out["values"], mb["values"], mb["returns"], mb["response_mask"], clip, mode)
-            return loss, {"critic/vf_loss": loss.item(), **{k: float(v) for k, v in metrics.items()}}
+            loss, metrics = value_loss(out["values"], mb[self.VALUES], mb[self.RETURNS], mb["response_mask"], clip,
+                                       mode)
+            metrics = {f"{self.SECTION}/{k.removeprefix('critic/')}": float(v) for k, v in metrics.items()}
+            return loss, {f"{self.SECTION}/vf_loss": loss.item(), **metrics}
 
-        keys = ["input_ids", "attention_mask", "position_ids", "responses", "response_mask", "values", "returns"]
-        return run_updates(self.engine, data, keys, loss_fn, self.cfg, dp_size=self.world_size, prefix="critic")
+        keys = ["input_ids", "attention_mask", "position_ids", "responses", "response_mask", self.VALUES, self.RETURNS]
+        return run_updates(self.engine, data, keys, loss_fn, self.cfg, dp_size=self.dp_size, prefix=self.SECTION)
+
+
+class CostCriticWorker(CriticWorker):
+    """Safe RLHF's cost critic ``V_c``: fits ``cost_returns`` from ``cost_values`` (section ``cost_critic``)."""
+    SECTION, VALUES, RETURNS = "cost_critic", "cost_values", "cost_returns"
