@@ -9,11 +9,13 @@ from hybridflow import ResourcePool, Role, WorkerGroup
 
 def role_classes() -> dict:
     from hybridflow.workers.roles.actor import ActorWorker
-    from hybridflow.workers.roles.critic import CriticWorker
+    from hybridflow.workers.roles.critic import CostCriticWorker, CriticWorker
     from hybridflow.workers.roles.reference import ReferenceWorker
-    from hybridflow.workers.roles.reward import RewardWorker
+    from hybridflow.workers.roles.reward import CostWorker, RewardWorker
+    from hybridflow.workers.roles.reward_model import RewardModelWorker
 
-    return {"actor": ActorWorker, "ref": ReferenceWorker, "critic": CriticWorker, "reward": RewardWorker}
+    return {"actor": ActorWorker, "ref": ReferenceWorker, "critic": CriticWorker, "reward": RewardWorker,
+            "reward_model": RewardModelWorker, "cost": CostWorker, "cost_critic": CostCriticWorker}
 
 
 def build_workers(cfg, *roles: str, classes: dict | None = None) -> tuple[WorkerGroup, ...]:

@@ -339,6 +339,69 @@ def collate_sft(rows: Sequence[dict], tokenizer: Any) -> DataProto:
     return DataProto.from_dict(tensors, non_tensors)
 
 
+# ----------------------------------------------------------------------------- preference pairs
+class PairDataset:
+    """(prompt, chosen, rejected) rows for reward-model training.
+
+    Each side is tokenized as an SFT example (``prompt_ids + response_ids + [eos]``, see
+    :class:`SFTDataset`), the form in which a reward model later scores a rollout. A pair one side
+    of which is longer than ``max_length`` tokens is dropped (``num_filtered``, logged); a pair
+    whose two responses are the same string raises DataError. ``dataset[i]`` has ``prompt_ids``,
+    ``chosen_ids``, ``rejected_ids`` (response + EOS), ``raw_prompt``, ``index``, ``source``.
+    """
+
+    def __init__(self, files: str | Path | Sequence[str | Path], tokenizer: Any, *, prompt_key: str = "prompt",
+                 chosen_key: str = "chosen", rejected_key: str = "rejected", max_length: int = 1024,
+                 apply_chat_template: bool | str = "auto"):
+        sides = [SFTDataset(files, tokenizer, prompt_key=prompt_key, response_key=key, max_length=2 ** 62,
+                            apply_chat_template=apply_chat_template) for key in (chosen_key, rejected_key)]
+        self.tokenizer, self.max_length, self.num_filtered = tokenizer, int(max_length), 0
+        self.rows: list[dict] = []
+        for chosen, rejected in zip(sides[0].rows, sides[1].rows):
+            if chosen["response_ids"] == rejected["response_ids"]:
+                raise DataError(f"{chosen['source']}: {chosen_key!r} and {rejected_key!r} are the same response")
+            if len(chosen["prompt_ids"]) + max(len(chosen["response_ids"]), len(rejected["response_ids"])) > self.max_length:
+                self.num_filtered += 1
+                continue
+            self.rows.append({"prompt_ids": chosen["prompt_ids"], "chosen_ids": chosen["response_ids"],
+                              "rejected_ids": rejected["response_ids"], "raw_prompt": chosen["raw_prompt"],
+                              "index": len(self.rows), "source": chosen["source"]})
+        files_text = ", ".join(map(str, sides[0].files))
+        if self.num_filtered:
+            logger.warning("pairs: dropped %d longer than max_length=%d (%s)", self.num_filtered, self.max_length,
+                           files_text)
+        if not self.rows:
+            raise DataError(f"{files_text}: no pairs left after dropping {self.num_filtered} longer than "
+                            f"max_length={self.max_length}")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
+
+    def collate(self, rows: Sequence[dict]) -> DataProto:
+        return collate_pairs(rows, self.tokenizer)
+
+
+def collate_pairs(rows: Sequence[dict], tokenizer: Any) -> DataProto:
+    """PairDataset rows → DataProto, one row per pair: ``chosen_input_ids``,
+    ``chosen_attention_mask``, ``chosen_position_ids`` and the same three ``rejected_*`` columns
+    (``prompt + response + eos``, each side right-padded to its own longest row); non-tensors
+    ``raw_prompt`` and ``index``."""
+    if not rows:
+        raise DataError("collate_pairs: empty batch")
+    tensors = {}
+    for side in ("chosen", "rejected"):
+        ids, mask = _pad([list(r["prompt_ids"]) + list(r[f"{side}_ids"]) for r in rows], pad_token_id(tokenizer),
+                         left=False)
+        tensors.update({f"{side}_input_ids": ids, f"{side}_attention_mask": mask,
+                        f"{side}_position_ids": position_ids_from_mask(mask)})
+    non_tensors = {"raw_prompt": [r.get("raw_prompt", "") for r in rows],
+                   "index": np.asarray([r.get("index", i) for i, r in enumerate(rows)], dtype=np.int64)}
+    return DataProto.from_dict(tensors, non_tensors)
+
+
 # ----------------------------------------------------------------------------- loader
 class PromptLoader:
     """Batches of a dataset as DataProto, epoch after epoch, resumable.

@@ -12,6 +12,10 @@ A config names each piece (``algorithm.adv_estimator: grpo``, ``actor.policy_los
 * KL penalties:    ``kl_penalty(log_prob, ref_log_prob, kind)``; ``k1``, ``k2``, ``k3``, ``abs``
   (+ aliases ``kl``, ``mse``, ``low_var_kl``).
 * aggregation:     ``agg_loss(loss_mat, mask, mode, norm_constant=None)``.
+* constraints:     ``LagrangeMultiplier`` (λ of a cost constraint, with state to checkpoint) and
+  ``lagrangian_advantage(A_r, A_c, λ, mask)`` for Safe RLHF (PPO-Lagrangian).
+* preference losses (reward models): ``get_preference_loss(name)(chosen_scores, rejected_scores,
+  *, margin=0.0, **cfg) -> (loss, metrics)``; built in: ``bradley_terry``.
 
 Conventions: tensors are ``[B, R]`` over response tokens, zero outside ``response_mask``;
 metrics dicts map ``"<role>/<name>"`` to **detached 0-d tensors** (call ``float()`` to log).
@@ -44,8 +48,16 @@ from .kl import (
     make_kl_controller,
     register_kl_penalty,
 )
+from .lagrange import LagrangeMultiplier, lagrangian_advantage, make_lagrange
 from .masked import masked_mean, masked_sum, masked_var, masked_whiten
 from .policy_losses import POLICY_LOSSES, get_policy_loss, ppo_clip_loss, register_policy_loss
+from .preference import (  # registers "bradley_terry"
+    PREFERENCE_LOSSES,
+    bradley_terry_loss,
+    get_preference_loss,
+    preference_metrics,
+    register_preference_loss,
+)
 from .registry import Registry, RegistryKeyError
 from .sequence_losses import ctpo_loss, gspo_loss  # registers "gspo", "ctpo" wherever algos is imported
 from .shaping import add_overlong_penalty, groups_with_signal, overlong_penalty
@@ -85,6 +97,16 @@ __all__ = [
     "FixedKLController",
     "AdaptiveKLController",
     "make_kl_controller",
+    # reward models (preference pairs)
+    "PREFERENCE_LOSSES",
+    "register_preference_loss",
+    "get_preference_loss",
+    "bradley_terry_loss",
+    "preference_metrics",
+    # constrained RL (Safe RLHF)
+    "LagrangeMultiplier",
+    "lagrangian_advantage",
+    "make_lagrange",
     # critic / entropy
     "value_loss",
     "entropy_from_logits",

@@ -5,7 +5,8 @@
 in ``meta_info['metrics']``. With both a function and a model, the score is their sum.
 The function is configured by ``reward.function`` (``path/to/file.py:fn`` or ``builtin:NAME``;
 see docs/rewards.md); the model by ``reward.model_path`` (a value-head checkpoint; its score is
-the value at the last real token).
+the value at the last real token). :class:`CostWorker` is the same role reading the ``cost``
+section and returning ``token_level_costs`` (Safe RLHF's cost signal).
 """
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ from hybridflow.workers.roles.common import build_engine, section
 
 
 class RewardWorker(Worker):
+    SECTION, OUTPUT = "reward", "token_level_scores"  # config section read, output key (CostWorker: others)
+
     def __init__(self, config):
         super().__init__()
-        self.cfg = section(config, "reward")
+        self.cfg = section(config, self.SECTION)
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(config.model.path)
@@ -33,7 +36,8 @@ class RewardWorker(Worker):
             self.init_distributed()
             self.model = build_engine(self.cfg["model_path"], self.cfg, model_type="value", trainable=False)
         if self.manager is None and self.model is None:
-            raise ValueError("reward: set reward.function (e.g. builtin:exact_match) and/or reward.model_path")
+            raise ValueError(f"{self.SECTION}: set {self.SECTION}.function (e.g. builtin:exact_match) and/or "
+                             f"{self.SECTION}.model_path")
 
     def decode_responses(self, data: DataProto) -> list[str]:
         lengths = data.batch["response_mask"].sum(-1).long().tolist()
@@ -54,7 +58,14 @@ class RewardWorker(Worker):
             rm = self.model.forward(data.batch.select("input_ids", "attention_mask", "position_ids"))["values"]
             last = data.batch["attention_mask"].long().cumsum(-1).argmax(-1)
             rm_scores = rm[torch.arange(len(data)), last]
-            metrics["reward/model_score/mean"] = float(rm_scores.mean())
+            metrics[f"{self.SECTION}/model_score/mean"] = float(rm_scores.mean())
             scores += rm_scores
         token_scores = scores_to_token_level(scores, data.batch["response_mask"])
-        return DataProto.from_dict({"token_level_scores": token_scores}, meta_info={"metrics": metrics})
+        metrics = {f"{self.SECTION}/{k.removeprefix('reward/')}": v for k, v in metrics.items()}
+        return DataProto.from_dict({self.OUTPUT: token_scores}, meta_info={"metrics": metrics})
+
+
+class CostWorker(RewardWorker):
+    """Safe RLHF's cost: ``cost.function`` and/or ``cost.model_path``, scored like the reward;
+    returns ``token_level_costs`` (the cost on the last response token) and ``cost/*`` metrics."""
+    SECTION, OUTPUT = "cost", "token_level_costs"
