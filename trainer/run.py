@@ -59,6 +59,9 @@ def check_config(cfg) -> None:
         path = OmegaConf.select(cfg, key)
         if path and not os.path.exists(str(path)):
             raise ConfigError(f"{key}: file not found: {path}")
+    if "reward" in cfg and not (OmegaConf.select(cfg, "reward.function") or OmegaConf.select(cfg, "reward.model_path")):
+        raise ConfigError("reward: set reward.function (path/to/file.py:fn or builtin:name) and/or "
+                          "reward.model_path (a reward model); both are empty, so there is no reward")
     for sec in ("reward", "cost"):  # cost: Safe RLHF's cost function, loaded like the reward
         if OmegaConf.select(cfg, f"{sec}.function"):
             spec = str(cfg[sec].function)

@@ -68,6 +68,16 @@ def test_unknown_executor_is_rejected(assets, tmp_path, no_workers):
     assert "executor" in msg and "ray" in msg
 
 
+def test_no_reward_at_all_is_rejected(assets, tmp_path, no_workers):
+    msg = fails_early(assets, tmp_path, "reward.function=null")  # and reward.model_path is null
+    assert "reward.function" in msg and "reward.model_path" in msg
+
+
+def test_unknown_rollout_backend_is_rejected(assets, tmp_path, no_workers):
+    msg = fails_early(assets, tmp_path, "rollout.backend=vlm")
+    assert "rollout.backend" in msg and "vllm" in msg and "static" in msg
+
+
 def test_reward_file_missing_is_named(assets, tmp_path, no_workers):
     missing = tmp_path / "my_reward.py"
     msg = fails_early(assets, tmp_path, f"reward.function={missing}:score", error=RewardError)
