@@ -210,7 +210,9 @@ TABLES = key_tables(CONFIG_MD)
 
 @pytest.mark.parametrize("file", ["recipes/base.yaml", "recipes/sft.yaml", "recipes/grpo.yaml", "recipes/ppo.yaml",
                                   "recipes/gspo.yaml", "recipes/ctpo.yaml", "recipes/dapo.yaml", "recipes/rloo.yaml",
-                                  "recipes/reinforce_pp.yaml", "recipes/remax.yaml", "recipes/dr_grpo.yaml"])
+                                  "recipes/reinforce_pp.yaml", "recipes/remax.yaml", "recipes/dr_grpo.yaml",
+                                  "examples/passk_grpo.yaml", "recipes/safe_rlhf.yaml", "recipes/reward_model.yaml",
+                                  "recipes/ppo_rm.yaml"])
 def test_config_md_documents_every_key_with_its_default(file):
     assert file in TABLES, f"docs/config.md has no `<!-- keys: {file} -->` table"
     documented, real = TABLES[file], yaml_leaves(file)
