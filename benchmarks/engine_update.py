@@ -116,7 +116,7 @@ def main(argv=None) -> dict:
                        "padding_fraction": 1 - real / batch["attention_mask"].numel(), **counts,
                        "peak_tflops": peak, "peak_source": peak_source, "torch_threads": torch.get_num_threads()},
               "variants": results, "packed_speedup": results["padded"]["update_s"] / results["packed"]["update_s"]}
-    print(f"| variant | update s | real tokens/s | update MFU |\n|---|---|---|---|")
+    print("| variant | update s | real tokens/s | update MFU |\n|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['update_s']:.3f} | {r['real_tokens_per_s']:.0f} | {100 * r['update_mfu']:.2f}% |")
     print(f"padding: {100 * report['meta']['padding_fraction']:.0f}% of the grid; "

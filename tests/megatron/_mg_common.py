@@ -1,11 +1,13 @@
 """Shared pieces of the megatron tests: the test batch, the loss, the multi-rank launcher."""
 import os
-import socket
-import subprocess
 import sys
 
 import torch
 from tensordict import TensorDict
+
+# the repository root, so that worker subprocesses (run as scripts) import the shared launcher too
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from tests.gloo_launch import launch as _launch  # noqa: E402
 
 STEPS = 4
 LR = 1e-2
@@ -78,33 +80,9 @@ def value_trace(engine, full_batch, shard):
     return trace
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(script, world, args, timeout=600):
-    """Run ``script args`` on ``world`` gloo ranks (subprocesses); assert every rank exits 0."""
-    port = free_port()
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
-                   HYBRIDFLOW_COLLECTIVE_TIMEOUT_S="300")
-        procs.append(subprocess.Popen([sys.executable, script, *map(str, args)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=timeout)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for rank, proc in enumerate(procs):
-        assert proc.returncode == 0, f"rank {rank} failed:\n" + (logs[rank] if rank < len(logs) else "")
-    return logs
+    """``script args`` on ``world`` gloo ranks (tests/gloo_launch.py), with a 5-minute collective timeout."""
+    return _launch(script, world, args, timeout, HYBRIDFLOW_COLLECTIVE_TIMEOUT_S=300)
 
 
 def _single_rank():

@@ -7,38 +7,12 @@ and last stage), reshards it with both paths, and checks the result against slic
 tensors computed here independently. Results go to ``<work>/synthetic_rank<r>.pt``.
 """
 import os
-import socket
-import subprocess
 import sys
 from datetime import timedelta
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(script, world, args, timeout=600):
-    """Run ``script args`` on ``world`` gloo ranks (subprocesses); assert every rank exits 0."""
-    port = free_port()
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-        procs.append(subprocess.Popen([sys.executable, script, *map(str, args)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=timeout)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for rank, proc in enumerate(procs):
-        assert proc.returncode == 0, f"rank {rank} failed:\n" + (logs[rank] if rank < len(logs) else "")
-    return logs
+# the repository root, so that worker subprocesses (run as scripts) import the shared launcher too
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from tests.gloo_launch import launch  # noqa: E402,F401 (re-exported to the tests)
 
 
 def ref_shard(full, dim, gated, parts, index):

@@ -5,43 +5,14 @@ covers the global token normalisation of train_batch and the zero-weight dummy m
 that keep the FSDP collectives aligned (token budget 11 gives rank 0 three micro-batches).
 """
 import os
-import socket
-import subprocess
-import sys
 
 import torch
 from tensordict import TensorDict
 
 from hybridflow.workers.engines.fsdp import FSDPEngine
+from tests.gloo_launch import launch
 
 WORKER = os.path.join(os.path.dirname(__file__), "_dist_worker.py")
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(world, ckpt, work, timeout=240):
-    port = _free_port()
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-                   CUDA_VISIBLE_DEVICES="")
-        procs.append(subprocess.Popen([sys.executable, WORKER, ckpt, work], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=timeout)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for rank, proc in enumerate(procs):
-        assert proc.returncode == 0, f"rank {rank} failed:\n" + (logs[rank] if rank < len(logs) else "")
 
 
 def test_two_ranks_equal_one_rank(tiny_ckpt, make_rl_batch, nll_loss, tmp_path):
@@ -52,7 +23,7 @@ def test_two_ranks_equal_one_rank(tiny_ckpt, make_rl_batch, nll_loss, tmp_path):
     torch.save(TensorDict({"input_ids": enc_ids, "attention_mask": am,
                            "position_ids": (am.cumsum(-1) - 1).clamp(min=0)}, batch_size=[2]),
                tmp_path / "prompts.pt")
-    _launch(2, tiny_ckpt, str(tmp_path))
+    launch(WORKER, 2, [tiny_ckpt, str(tmp_path)], timeout=240)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
     assert r0["world"] == r1["world"] == 2
 

@@ -8,8 +8,6 @@ Run as a script, this file is one rank of the 2-rank test (torchrun-style env, s
 import json
 import os
 import runpy
-import socket
-import subprocess
 import sys
 from datetime import timedelta
 
@@ -275,32 +273,12 @@ def _rank_main(ckpt: str, work: str) -> None:
     dist.destroy_process_group()
 
 
-def _launch(world: int, ckpt: str, work: str, timeout: int = 240) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), ckpt, work], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=timeout)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for rank, proc in enumerate(procs):
-        assert proc.returncode == 0, f"rank {rank} failed:\n" + (logs[rank] if rank < len(logs) else "")
-
-
 def test_fsdp2_module_sharded_over_two_gloo_ranks(tiny_ckpt, engine, static, tmp_path):
+    from tests.gloo_launch import launch  # here: this file is also the ranks' script, run without the repo on sys.path
+
     prompts = _prompts(engine.tokenizer, ["what is 7*8?", "1+2="])
     torch.save(prompts, tmp_path / "prompts.pt")
-    _launch(2, tiny_ckpt, str(tmp_path))
+    launch(os.path.abspath(__file__), 2, [tiny_ckpt, str(tmp_path)], timeout=240)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
     assert r0["world"] == r1["world"] == 2 and r0["shared"] and r1["shared"]
     single = static.generate(prompts, n=2, do_sample=False, max_new_tokens=6)["responses"]
