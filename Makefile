@@ -26,11 +26,11 @@ $(STAMP): setup.py
 	rm -f $(VENV)/.installed-* && touch $@
 
 # One torch thread per process: the suite runs several processes (Ray, gloo ranks) on 2 cores.
-# Three pytest runs: the vLLM tests start one in-process engine per session, megatron's set its
+# Three pytest runs: the vLLM tests (some also megatron) start one in-process engine per session, megatron's set its
 # global parallel state; neither should share a process with the rest. Exit code 5 = nothing selected.
 test: venv
 	$(PYTEST) -m "not vllm and not megatron"
-	$(PYTEST) -m megatron || test $$? -eq 5
+	$(PYTEST) -m "megatron and not vllm" || test $$? -eq 5
 	$(PYTEST) -m vllm || test $$? -eq 5
 
 # The quick start needs neither vLLM nor megatron: a lighter venv (the extras are added by `make test`).

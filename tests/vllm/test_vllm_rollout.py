@@ -8,7 +8,7 @@ import torch
 
 from hybridflow import DataProto
 
-from .conftest import GRPO_STEPS, metric_rows
+from .conftest import GRPO_STEPS, REPO, metric_rows
 
 pytestmark = pytest.mark.vllm
 
@@ -173,3 +173,25 @@ def test_generation_after_load_checkpoint_uses_restored_weights(vllm_run, vllm_q
     out = actor.generate(prompts)
     assert_close_on_mask(out.batch["rollout_log_probs"], trainer_log_probs(actor, out, 1.0),
                          out.batch["response_mask"], FP32_TOL)
+
+
+@pytest.mark.megatron
+def test_grpo_with_a_megatron_actor_and_vllm(vllm_quickstart, tmp_path):
+    """actor.backend=megatron + rollout.backend=vllm: after every update the engine's weights reach
+    vLLM through the 3D-HybridEngine (iter_hf_weights), so vLLM's sampling log-probs equal the
+    megatron trainer's. In its own process: one vLLM engine per process (see conftest)."""
+    import os
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "recipes" / "grpo.py"), *vllm_quickstart, "executor=inprocess",
+           "actor.backend=megatron", "rollout.backend=vllm", "trainer.steps=4", f"trainer.run_dir={run_dir}",
+           "trainer.val_every=0", "trainer.val_before_train=false", "trainer.plot=false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    rows = metric_rows(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for row in rows:  # steps 2-4 sample from weights synced after an update
+        assert row["rollout_corr/log_prob_abs_diff_max"] < 1e-4, row
+    assert all(row["rollout/weight_sync_s"] > 0 for row in rows)

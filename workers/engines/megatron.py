@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -277,6 +277,15 @@ class MegatronEngine(TrainEngine):
             finally:
                 self._release(module)
                 state.clear()
+
+    def iter_hf_weights(self) -> Iterator[Tuple[str, torch.Tensor]]:
+        """``(hf_name, tensor)`` of the full model, one at a time, for a rollout engine that holds
+        its own weights (vLLM's weight sync); collective over all ranks. With tied embeddings
+        ``lm_head.weight`` is sent too (the embedding): vLLM keeps a stale head otherwise."""
+        with self._generation_weights() as state:
+            if self.hf_config.tie_word_embeddings and "lm_head.weight" not in state:
+                state["lm_head.weight"] = state["model.embed_tokens.weight"]
+            yield from state.items()
 
     @contextlib.contextmanager
     def _generation_weights(self):

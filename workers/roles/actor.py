@@ -21,6 +21,8 @@ after ``load_checkpoint``), sleeps after each generation and wakes before the ne
 """
 from __future__ import annotations
 
+import contextlib
+
 from hybridflow import DataProto, Dispatch, Worker, register
 from hybridflow.trainer.algos import agg_loss, get_policy_loss, kl_penalty
 from hybridflow.workers.rollout import build_rollout
@@ -41,9 +43,9 @@ class ActorWorker(EngineStateMixin, Worker):
         self.rollout_cfg = section(config, "rollout")
         self.engine = build_engine(config.model.path, self.cfg, total_steps=optimizer_steps(config, self.cfg),
                                    seed=int(config.get("seed", 0)))
-        if self.cfg.get("backend") == "megatron" and self.rollout_cfg.get("backend", "hf") != "hf":
-            raise ValueError(f"actor.backend=megatron generates with rollout.backend=hf only, got "
-                             f"rollout.backend={self.rollout_cfg.get('backend')!r} (docs/backends.md#megatron)")
+        if self.cfg.get("backend") == "megatron" and self.rollout_cfg.get("backend", "hf") == "static":
+            raise ValueError("actor.backend=megatron generates with rollout.backend=hf or vllm, not static "
+                             "(docs/backends.md#megatron)")
         self.rollout = build_rollout(self.rollout_cfg.get("backend", "hf"), self.engine, self.rollout_cfg, config)
         self.dp_rank, self.dp_size, collect = dispatch_position(self.engine, self.rank, self.world_size)
         self.set_dispatch_info("actor", dp_rank=self.dp_rank, dp_size=self.dp_size, collect=collect)
@@ -70,7 +72,8 @@ class ActorWorker(EngineStateMixin, Worker):
         if self._rollout_stale:
             self._sync_rollout()
         self._rollout_metrics.update(self.rollout.wake_up())
-        with generation_weights(self.engine):  # megatron: the gathered HF weights, released after
+        weights = generation_weights(self.engine) if self.rollout.uses_engine_module else contextlib.nullcontext()
+        with weights:  # megatron + hf: the resharded HF weights in the module, released after
             out = self.rollout.generate(prompts.batch.select("input_ids", "attention_mask", "position_ids"), n=n,
                                         eos_token_id=self.engine.tokenizer.eos_token_id,
                                         pad_token_id=self.engine.tokenizer.pad_token_id, **opts)

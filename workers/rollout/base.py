@@ -34,6 +34,11 @@ __all__ = ["Rollout", "response_mask_from_eos", "finish_rollout_batch"]
 class Rollout(ABC):
     """A generation backend. See the module docstring for the input/output contract."""
 
+    # True: generates on the training engine's own module (hf, static), so an engine that keeps its
+    # weights elsewhere (megatron) fills that module around each generation. False: the backend
+    # holds its own weights (vLLM), refreshed by sync_weights.
+    uses_engine_module = True
+
     @abstractmethod
     def generate(self, prompts: TensorDict, *, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
                  top_k: int = -1, max_new_tokens: int, do_sample: bool = True,

@@ -106,6 +106,8 @@ class VLLMRollout(Rollout):
     ``rollout.vllm`` (``kv_cache_gib``, ``gpu_memory_utilization``, ``sleep``, ``enforce_eager``,
     ``dtype``; see docs/config.md)."""
 
+    uses_engine_module = False
+
     def __init__(self, model_path: str, *, device: Union[str, torch.device] = "cpu", max_model_len: int,
                  seed: int = 0, cache_root: Optional[str] = None, tokenizer=None, **options):
         unknown = set(options) - set(DEFAULTS)
