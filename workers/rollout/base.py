@@ -23,12 +23,12 @@ caller's global RNG state.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from tensordict import TensorDict
 
-__all__ = ["Rollout", "response_mask_from_eos", "finish_rollout_batch"]
+__all__ = ["Rollout", "check_generate_args", "resolve_token_ids", "response_mask_from_eos", "finish_rollout_batch"]
 
 
 class Rollout(ABC):
@@ -60,6 +60,40 @@ class Rollout(ABC):
     def wake_up(self) -> dict:
         """Restore what :meth:`sleep` released, before the next generation."""
         return {}
+
+
+def check_generate_args(backend: str, prompts: TensorDict, *, n: int, max_new_tokens: int, temperature: float,
+                        top_p: float) -> None:
+    """The argument checks every backend's ``generate`` makes (errors name the backend)."""
+    if max_new_tokens < 1 or n < 1:
+        raise ValueError(f"{backend}.generate: need max_new_tokens >= 1 and n >= 1, got {max_new_tokens}, {n}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"{backend}.generate: bad temperature={temperature} or top_p={top_p}")
+    for key in ("input_ids", "attention_mask"):
+        if key not in prompts.keys():
+            raise KeyError(f"{backend}.generate: prompts lack {key!r}; they have {list(prompts.keys())}")
+
+
+def as_id_list(value) -> List[int]:
+    """``None`` / an int / a list / a tensor of token ids -> a list of ints."""
+    if value is None:
+        return []
+    if isinstance(value, torch.Tensor):
+        return [int(v) for v in value.flatten().tolist()]
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def resolve_token_ids(backend: str, eos_token_id, pad_token_id, tokenizer=None, module=None) -> Tuple[List[int], int]:
+    """``(eos ids, pad id)``: the given ones, else the tokenizer's, else the model's
+    ``generation_config`` eos; pad defaults to the first eos."""
+    eos = as_id_list(eos_token_id) or as_id_list(getattr(tokenizer, "eos_token_id", None))
+    if not eos:
+        eos = as_id_list(getattr(getattr(module, "generation_config", None), "eos_token_id", None))
+    if not eos:
+        raise ValueError(f"{backend}: no eos_token_id given and none found on the tokenizer or the model")
+    if pad_token_id is None:
+        pad_token_id = getattr(tokenizer, "pad_token_id", None)
+    return eos, int(pad_token_id if pad_token_id is not None else eos[0])
 
 
 def response_mask_from_eos(responses: torch.Tensor, eos_token_ids: Sequence[int]) -> torch.Tensor:

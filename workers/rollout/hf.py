@@ -33,7 +33,7 @@ import torch
 from tensordict import TensorDict
 from transformers import LogitsProcessor
 
-from .base import Rollout, finish_rollout_batch
+from .base import Rollout, check_generate_args, finish_rollout_batch, resolve_token_ids
 
 __all__ = ["HFRollout"]
 
@@ -61,13 +61,6 @@ class _SampledTokenLogProbs(LogitsProcessor):
         return torch.stack(self._steps, dim=1)
 
 
-def _as_list(value) -> List[int]:
-    if value is None:
-        return []
-    if isinstance(value, torch.Tensor):
-        return [int(v) for v in value.flatten().tolist()]
-    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
-
 
 def _is_sharded(module: torch.nn.Module) -> bool:
     for param in module.parameters():
@@ -85,33 +78,16 @@ class HFRollout(Rollout):
         self.tokenizer = tokenizer
         self.device = torch.device(device)
 
-    def _token_ids(self, eos_token_id, pad_token_id):
-        eos = _as_list(eos_token_id)
-        if not eos and self.tokenizer is not None:
-            eos = _as_list(self.tokenizer.eos_token_id)
-        if not eos:
-            eos = _as_list(getattr(self.module.generation_config, "eos_token_id", None))
-        if not eos:
-            raise ValueError("HFRollout: no eos_token_id given and none found on the tokenizer or the model")
-        if pad_token_id is None and self.tokenizer is not None:
-            pad_token_id = self.tokenizer.pad_token_id
-        return eos, int(pad_token_id if pad_token_id is not None else eos[0])
-
     def generate(self, prompts: TensorDict, *, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
                  top_k: int = -1, max_new_tokens: int, do_sample: bool = True,
                  eos_token_id: Optional[Union[int, Sequence[int]]] = None, pad_token_id: Optional[int] = None,
                  seed: Optional[int] = None, ignore_eos: bool = False) -> TensorDict:
         from transformers import GenerationConfig, LogitsProcessorList
 
-        if max_new_tokens < 1 or n < 1:
-            raise ValueError(f"HFRollout.generate: need max_new_tokens >= 1 and n >= 1, got {max_new_tokens}, {n}")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"HFRollout.generate: bad temperature={temperature} or top_p={top_p}")
-        for key in ("input_ids", "attention_mask"):
-            if key not in prompts.keys():
-                raise KeyError(f"HFRollout.generate: prompts lack {key!r}; they have {list(prompts.keys())}")
+        check_generate_args("HFRollout", prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_p=top_p)
         greedy = not do_sample or temperature == 0
-        eos, pad = self._token_ids(eos_token_id, pad_token_id)
+        eos, pad = resolve_token_ids("HFRollout", eos_token_id, pad_token_id, self.tokenizer, self.module)
         input_ids = prompts["input_ids"].repeat_interleave(n, dim=0).to(self.device)
         attention_mask = prompts["attention_mask"].repeat_interleave(n, dim=0).to(self.device)
         sampling = {} if greedy else {"temperature": float(temperature), "top_p": float(top_p),

@@ -57,8 +57,8 @@ import torch
 import torch.distributed as dist
 from tensordict import TensorDict
 
-from .base import Rollout, finish_rollout_batch
-from .hf import _as_list, _is_sharded
+from .base import Rollout, check_generate_args, finish_rollout_batch, resolve_token_ids
+from .hf import _is_sharded
 
 __all__ = ["StaticRollout", "StaticKVCache", "sample_tokens", "grouped_attention", "from_engine"]
 
@@ -255,33 +255,16 @@ class StaticRollout(Rollout):
         return self._copy
 
     # ------------------------------------------------------------------ generate
-    def _token_ids(self, eos_token_id, pad_token_id):
-        eos = _as_list(eos_token_id)
-        if not eos and self.tokenizer is not None:
-            eos = _as_list(self.tokenizer.eos_token_id)
-        if not eos:
-            eos = _as_list(getattr(getattr(self.module, "generation_config", None), "eos_token_id", None))
-        if not eos:
-            raise ValueError("StaticRollout: no eos_token_id given and none found on the tokenizer or the model")
-        if pad_token_id is None and self.tokenizer is not None:
-            pad_token_id = self.tokenizer.pad_token_id
-        return eos, int(pad_token_id if pad_token_id is not None else eos[0])
-
     def generate(self, prompts: TensorDict, *, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
                  top_k: int = -1, max_new_tokens: int, do_sample: bool = True,
                  eos_token_id: Optional[Union[int, Sequence[int]]] = None, pad_token_id: Optional[int] = None,
                  seed: Optional[int] = None, ignore_eos: bool = False) -> TensorDict:
-        if max_new_tokens < 1 or n < 1:
-            raise ValueError(f"StaticRollout.generate: need max_new_tokens >= 1 and n >= 1, got {max_new_tokens}, {n}")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"StaticRollout.generate: bad temperature={temperature} or top_p={top_p}")
-        for key in ("input_ids", "attention_mask"):
-            if key not in prompts.keys():
-                raise KeyError(f"StaticRollout.generate: prompts lack {key!r}; they have {list(prompts.keys())}")
+        check_generate_args("StaticRollout", prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_p=top_p)
         greedy = not do_sample or temperature == 0
         sampling = {"greedy": greedy, "temperature": 1.0 if greedy else float(temperature),
                     "top_k": 0 if top_k in (None, -1) else int(top_k), "top_p": float(top_p)}
-        eos, pad = self._token_ids(eos_token_id, pad_token_id)
+        eos, pad = resolve_token_ids("StaticRollout", eos_token_id, pad_token_id, self.tokenizer, self.module)
         input_ids = prompts["input_ids"].repeat_interleave(n, dim=0).to(self.device)
         mask = prompts["attention_mask"].repeat_interleave(n, dim=0).to(self.device)
         positions = (prompts["position_ids"].repeat_interleave(n, dim=0).to(self.device)

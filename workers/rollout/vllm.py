@@ -46,7 +46,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 from tensordict import TensorDict
 
-from .base import Rollout, finish_rollout_batch
+from .base import Rollout, check_generate_args, finish_rollout_batch, resolve_token_ids
 
 __all__ = ["VLLMRollout", "configure_vllm_env", "iter_full_weights", "from_engine"]
 
@@ -208,16 +208,9 @@ class VLLMRollout(Rollout):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        if max_new_tokens < 1 or n < 1:
-            raise ValueError(f"VLLMRollout.generate: need max_new_tokens >= 1 and n >= 1, got {max_new_tokens}, {n}")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"VLLMRollout.generate: bad temperature={temperature} or top_p={top_p}")
-        eos = _as_list(eos_token_id) or _as_list(getattr(self.tokenizer, "eos_token_id", None))
-        if not eos:
-            raise ValueError("VLLMRollout.generate: no eos_token_id given and none on the tokenizer")
-        if pad_token_id is None:
-            pad_token_id = getattr(self.tokenizer, "pad_token_id", None)
-        pad = int(pad_token_id if pad_token_id is not None else eos[0])
+        check_generate_args("VLLMRollout", prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_p=top_p)
+        eos, pad = resolve_token_ids("VLLMRollout", eos_token_id, pad_token_id, self.tokenizer)
         rows = _unpadded_rows(prompts["input_ids"], prompts["attention_mask"])
         longest = max((len(r) for r in rows), default=0)
         if longest + int(max_new_tokens) > self.max_model_len:
@@ -254,13 +247,6 @@ class VLLMRollout(Rollout):
         return finish_rollout_batch(prompts, responses, log_probs, n=n, eos_token_ids=eos, pad_token_id=pad,
                                     ignore_eos=ignore_eos)
 
-
-def _as_list(value) -> List[int]:
-    if value is None:
-        return []
-    if isinstance(value, torch.Tensor):
-        return [int(v) for v in value.flatten().tolist()]
-    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
 def _unpadded_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> List[List[int]]:
