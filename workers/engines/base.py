@@ -221,15 +221,26 @@ class TrainEngine(ABC):
     def module(self) -> torch.nn.Module:
         """The (wrapped) HF module, e.g. for the HF rollout."""
 
+    # Backends set ``_tokenizer``, ``_device``, ``_rank`` and ``_world`` in their constructor.
     @property
-    @abstractmethod
     def tokenizer(self):
         """The tokenizer loaded from ``model_path`` (None if the dir has none)."""
+        return self._tokenizer
 
     @property
-    @abstractmethod
     def device(self) -> torch.device:
         """Device of the compute (``cuda:<local rank>`` or ``cpu``)."""
+        return self._device
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in the engine's process group."""
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        """Ranks of the engine's process group."""
+        return self._world
 
     @property
     def lr(self) -> float:

@@ -141,22 +141,6 @@ class FSDPEngine(TrainEngine):
         return self._module
 
     @property
-    def tokenizer(self):
-        return self._tokenizer
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def world_size(self) -> int:
-        return self._world
-
-    @property
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
 

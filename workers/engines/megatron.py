@@ -227,22 +227,6 @@ class MegatronEngine(TrainEngine):
         return self._chunk
 
     @property
-    def tokenizer(self):
-        return self._tokenizer
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def world_size(self) -> int:
-        return self._world
-
-    @property
     def dispatch_info(self) -> Tuple[int, int, bool]:
         """``(dp_rank, dp_size, collect)`` for ``Worker.set_dispatch_info``: one data chunk per DP
         group; ``collect`` only on TP rank 0 of the last pipeline stage."""
