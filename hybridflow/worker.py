@@ -97,8 +97,25 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None)
 
 
 def free_port() -> int:
+    """A TCP port free now, for a rendezvous that binds it seconds later (after the ranks start).
+    Drawn at random from 20000 up to the kernel's ephemeral range: ``bind(0)`` hands out ports
+    *from* that range, and Ray's worker processes use 10002-19999, so other processes are unlikely
+    to take the same port in between. Falls back to ``bind(0)``."""
+    import random
     import socket
 
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    low = 32768
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    candidates = random.SystemRandom().sample(range(20000, low), min(64, max(0, low - 20000)))
+    for port in candidates + [0]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("", port))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    raise RuntimeError("free_port: no free TCP port found")
