@@ -75,8 +75,10 @@ class EngineConfig:
     forward_micro_batch_size / forward_max_tokens_per_micro_batch (None): the same for
         ``forward`` (no grad, so usually larger); None = the training values.
     remove_padding (False): pack each micro-batch's real tokens into one sequence (position ids
-        restart per sequence, block-diagonal attention) so no compute goes to padding; outputs are
-        the same as the padded path's up to float rounding. Worth it when responses vary in length.
+        restart per sequence, block-diagonal attention) so the linear layers spend nothing on
+        padding; outputs are the same as the padded path's up to float rounding. With ``sdpa`` the
+        mask is dense over the pack (attention ~ pack length²): worth it with a variable-length
+        kernel (``attn_implementation="flash_attention_2"``) or short sequences.
     seed (0): seeds the value-head initialisation.
     """
 
