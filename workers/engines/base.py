@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from tensordict import TensorDict
 
-__all__ = ["EngineConfig", "TrainEngine", "LossFn", "MODEL_TYPES", "LOSS_WEIGHTINGS"]
+__all__ = ["EngineConfig", "TrainEngine", "LossFn", "MODEL_TYPES", "LOSS_WEIGHTINGS", "micro_batch_sizes"]
 
 MODEL_TYPES = ("causal_lm", "value")
 LOSS_WEIGHTINGS = ("auto", "tokens", "rows", "sum")
@@ -45,6 +45,24 @@ _DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloa
 #: ``loss_fn(micro_batch, outputs) -> (loss, metrics)``; see :meth:`TrainEngine.train_batch`.
 LossFn = Callable[[TensorDict, TensorDict], Tuple[torch.Tensor, Dict[str, Any]]]
 
+
+
+def micro_batch_sizes(batch: TensorDict, groups: list, loss_weighting: str, engine: str) -> Tuple[str, List[float]]:
+    """Resolve ``loss_weighting`` (``auto`` → ``tokens`` when the mask column exists, else ``rows``;
+    see :meth:`TrainEngine.train_batch`) and return it with each micro-batch's size in that unit
+    (mask tokens or rows; 0 for a ``None`` dummy group)."""
+    if loss_weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
+    mask_key = "response_mask" if "responses" in batch.keys() else "loss_mask"
+    if loss_weighting == "auto":
+        loss_weighting = "tokens" if mask_key in batch.keys() else "rows"
+    if loss_weighting == "tokens" and mask_key not in batch.keys():
+        raise KeyError(f"{engine}.train_batch: loss_weighting='tokens' needs a {mask_key!r} column")
+    if loss_weighting == "tokens":
+        sizes = [float(batch[mask_key][torch.tensor(g)].sum()) if g is not None else 0.0 for g in groups]
+    else:
+        sizes = [float(len(g)) if g is not None else 0.0 for g in groups]
+    return loss_weighting, sizes
 
 @dataclasses.dataclass
 class EngineConfig:

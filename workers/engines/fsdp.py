@@ -36,7 +36,7 @@ from tensordict import TensorDict
 
 from hybridflow.worker import init_distributed
 
-from .base import LOSS_WEIGHTINGS, EngineConfig, LossFn, TrainEngine
+from .base import EngineConfig, LossFn, TrainEngine, micro_batch_sizes
 from .ops import lr_factor, partition_micro_batches, token_log_probs
 
 __all__ = ["FSDPEngine", "FSDPEngineConfig"]
@@ -297,19 +297,8 @@ class FSDPEngine(TrainEngine):
     def train_batch(self, batch: TensorDict, loss_fn: LossFn, *, temperature: float = 1.0,
                     with_entropy: bool = False, loss_weighting: str = "auto") -> Dict[str, float]:
         self._check_batch(batch)
-        if loss_weighting not in LOSS_WEIGHTINGS:
-            raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
-        mask_key = "response_mask" if "responses" in batch.keys() else "loss_mask"
-        if loss_weighting == "auto":
-            loss_weighting = "tokens" if mask_key in batch.keys() else "rows"
-        if loss_weighting == "tokens" and mask_key not in batch.keys():
-            raise KeyError(f"FSDPEngine.train_batch: loss_weighting='tokens' needs a {mask_key!r} column")
         groups = self._partition(batch, train=True)
-        if loss_weighting == "tokens":
-            mask = batch[mask_key]
-            sizes = [float(mask[torch.tensor(g)].sum()) if g is not None else 0.0 for g in groups]
-        else:
-            sizes = [float(len(g)) if g is not None else 0.0 for g in groups]
+        loss_weighting, sizes = micro_batch_sizes(batch, groups, loss_weighting, "FSDPEngine")
         local_total = sum(sizes)
         global_total = self._all_reduce([local_total])[0]
         real_groups = sum(g is not None for g in groups)

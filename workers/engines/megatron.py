@@ -38,7 +38,7 @@ from tensordict import TensorDict
 
 from hybridflow.worker import init_distributed
 
-from .base import LOSS_WEIGHTINGS, EngineConfig, LossFn, TrainEngine
+from .base import EngineConfig, LossFn, TrainEngine, micro_batch_sizes
 from .megatron_cpu import apply_cpu_patches
 from .megatron_ops import ValueHead, padded_causal_mask, vocab_parallel_log_probs
 from .ops import lr_factor, partition_micro_batches
@@ -403,18 +403,8 @@ class MegatronEngine(TrainEngine):
         if self.optimizer is None:
             raise RuntimeError("MegatronEngine.train_batch: this engine is frozen (lr == 0: no optimizer)")
         self._check_batch(batch)
-        if loss_weighting not in LOSS_WEIGHTINGS:
-            raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
-        mask_key = "response_mask" if "responses" in batch.keys() else "loss_mask"
-        if loss_weighting == "auto":
-            loss_weighting = "tokens" if mask_key in batch.keys() else "rows"
-        if loss_weighting == "tokens" and mask_key not in batch.keys():
-            raise KeyError(f"MegatronEngine.train_batch: loss_weighting='tokens' needs a {mask_key!r} column")
         groups = self._partition(batch, train=True)
-        if loss_weighting == "tokens":
-            sizes = [float(batch[mask_key][torch.tensor(g)].sum()) for g in groups]
-        else:
-            sizes = [float(len(g)) for g in groups]
+        loss_weighting, sizes = micro_batch_sizes(batch, groups, loss_weighting, "MegatronEngine")
         local_total = sum(sizes)
         totals = torch.tensor([local_total], dtype=torch.float64, device=self._device)
         if self.dp_size > 1:
