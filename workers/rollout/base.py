@@ -1,4 +1,4 @@
-"""The rollout (generation) interface shared by every backend (HF now, vLLM later).
+"""The rollout (generation) interface shared by every backend (hf, static, vllm).
 
 Input ``prompts``: a TensorDict ``[B]`` with left-padded ``input_ids``, ``attention_mask`` and
 ``position_ids`` ``[B, P]`` (docs/design/contracts.md).
