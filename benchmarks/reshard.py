@@ -152,14 +152,13 @@ def _rank_main(args):
 
 
 def _launch(args):
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from hybridflow.worker import rendezvous_server
+
+    store, store_env = rendezvous_server()  # served from here until the ranks are done
     procs = []
     for rank in range(args.world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(args.world), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(args.world), **store_env,
+                   OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
                    MALLOC_MMAP_THRESHOLD_="131072")  # big buffers are mmapped and returned on free
         procs.append(subprocess.Popen([sys.executable, "-m", "benchmarks.reshard", "--as-rank", *sys.argv[1:]],
                                       env=env))
@@ -168,6 +167,7 @@ def _launch(args):
             for q in procs:
                 q.kill()
             raise SystemExit(f"a rank failed (exit {p.returncode})")
+    del store
 
 
 def _table(rows):

@@ -75,47 +75,39 @@ class Worker:
 def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> tuple[int, int]:
     """Initialise the default process group if needed; returns ``(rank, world_size)``.
 
-    Rank and world size come from ``RANK``/``WORLD_SIZE`` (set by the executors); without them
-    this is a world of one on 127.0.0.1 at a free port. Backend: nccl when a GPU is visible
-    (and the current device is set to ``LOCAL_RANK``), else gloo. A collective that waits longer
-    than ``timeout_s`` (default ``HYBRIDFLOW_COLLECTIVE_TIMEOUT_S`` = 600 s) raises instead of hanging.
+    Rank and world size come from ``RANK``/``WORLD_SIZE``, the rendezvous from ``MASTER_ADDR``/
+    ``MASTER_PORT`` (set by the executors, see :func:`rendezvous_server`); without them this is a
+    world of one with a private store. Backend: nccl when a GPU is visible (and the current device
+    is set to ``LOCAL_RANK``), else gloo. A collective that waits longer than ``timeout_s``
+    (default ``HYBRIDFLOW_COLLECTIVE_TIMEOUT_S`` = 600 s) raises instead of hanging.
     """
     if not dist.is_initialized():
         rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
         if "MASTER_PORT" in os.environ:
-            init_method = f"tcp://{os.environ.get('MASTER_ADDR', '127.0.0.1')}:{os.environ['MASTER_PORT']}"
-        elif world == 1:  # a private port, not exported: child processes must not inherit it
-            init_method = f"tcp://127.0.0.1:{free_port()}"
+            addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
+            rendezvous = {"init_method": f"tcp://{addr}:{os.environ['MASTER_PORT']}"}
+        elif world == 1:  # a private store, not exported: child processes must not inherit it
+            rendezvous = {"store": rendezvous_server()[0]}
         else:
             raise RuntimeError("init_distributed: MASTER_PORT is not set for a multi-rank group")
-        dist.init_process_group(
-            backend=backend or ("nccl" if torch.cuda.is_available() else "gloo"), init_method=init_method,
-            rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s or DEFAULT_COLLECTIVE_TIMEOUT_S))
+        dist.init_process_group(backend=backend or ("nccl" if torch.cuda.is_available() else "gloo"),
+                                rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s or DEFAULT_COLLECTIVE_TIMEOUT_S),
+                                **rendezvous)
     return dist.get_rank(), dist.get_world_size()
 
 
-def free_port() -> int:
-    """A TCP port free now, for a rendezvous that binds it seconds later (after the ranks start).
-    Drawn at random from 20000 up to the kernel's ephemeral range: ``bind(0)`` hands out ports
-    *from* that range, and Ray's worker processes use 10002-19999, so other processes are unlikely
-    to take the same port in between. Falls back to ``bind(0)``."""
-    import random
-    import socket
+def rendezvous_server(addr: str = "127.0.0.1") -> tuple[dist.TCPStore, dict]:
+    """The ranks' rendezvous store, served from this process on a port the kernel picks when it
+    binds (port 0), so no other process can take the port between choosing and binding it.
 
-    low = 32768
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            low = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        pass
-    candidates = random.SystemRandom().sample(range(20000, low), min(64, max(0, low - 20000)))
-    for port in candidates + [0]:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind(("", port))
-            except OSError:
-                continue
-            return sock.getsockname()[1]
-    raise RuntimeError("free_port: no free TCP port found")
+    Returns ``(store, env)``: give ``env`` to every rank (``MASTER_ADDR``/``MASTER_PORT`` and
+    ``TORCHELASTIC_USE_AGENT_STORE=True``, torch's switch that makes every rank, rank 0 included, a
+    client of an outside store, as under torchrun) and keep ``store`` referenced while the group
+    lives. ``addr`` is the address the ranks connect to (the server listens on every interface).
+    """
+    store = dist.TCPStore(addr, 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=DEFAULT_COLLECTIVE_TIMEOUT_S))
+    return store, {"MASTER_ADDR": addr, "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": "True"}

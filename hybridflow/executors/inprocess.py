@@ -35,7 +35,7 @@ class InProcessHandle:
 
 def spawn(pool, roles: dict) -> InProcessHandle:
     """Construct each role's worker here, as rank 0 of a world of 1."""
-    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})  # init_distributed picks a free port
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})  # init_distributed: a private store
     return InProcessHandle({name: role.cls(*role.args, **role.kwargs) for name, role in roles.items()})
 
 

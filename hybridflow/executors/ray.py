@@ -1,9 +1,10 @@
 """Ray executor: one Ray actor per rank, placed in the pool's placement group.
 
 Each actor (a ``_Host``) sets the torch.distributed environment (``RANK``, ``WORLD_SIZE``,
-``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT`` of rank 0) and then constructs every colocated
-role's worker inside the same process. Calls are Ray actor tasks; results stay in Ray's object
-store until the controller (or another group, via a future) asks for them.
+``LOCAL_RANK``, and the address of the group's rendezvous store, which a small actor on rank 0's
+node serves from a port the kernel picked, see ``rendezvous_server``) and then constructs every
+colocated role's worker inside the same process. Calls are Ray actor tasks; results stay in Ray's
+object store until the controller (or another group, via a future) asks for them.
 
 Failures: a worker exception is re-raised in the controller as the original exception type with
 the remote traceback in its message; a dead actor raises :class:`WorkerError` at once; a call
@@ -23,7 +24,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from hybridflow.futures import Future
-from hybridflow.worker import free_port
+from hybridflow.worker import rendezvous_server
 from hybridflow.worker_group import WorkerError, WorkerTimeoutError
 
 PLACEMENT_TIMEOUT_S = float(os.environ.get("HYBRIDFLOW_PLACEMENT_TIMEOUT_S", 120))
@@ -47,11 +48,12 @@ class _Host:
 
 
 @ray.remote
-class _Address:
-    """Runs where rank 0 will run, to pick MASTER_ADDR/MASTER_PORT before the ranks start."""
+class _Rendezvous:
+    """Serves the group's rendezvous store on rank 0's node for as long as the group lives."""
 
-    def get(self) -> tuple[str, int]:
-        return ray.util.get_node_ip_address(), free_port()
+    def start(self) -> dict:
+        self.store, env = rendezvous_server(ray.util.get_node_ip_address())
+        return env
 
 
 def ensure_ray() -> None:
@@ -98,18 +100,20 @@ def spawn(pool, roles: dict) -> "RayHandle":
     def strategy(rank: int) -> PlacementGroupSchedulingStrategy:
         return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=offset + rank)
 
-    probe = _Address.options(num_cpus=0, scheduling_strategy=strategy(0)).remote()
-    master_addr, master_port = ray.get(probe.get.remote(), timeout=PLACEMENT_TIMEOUT_S)
-    ray.kill(probe)
+    rendezvous = _Rendezvous.options(num_cpus=0, scheduling_strategy=strategy(0)).remote()
+    try:
+        store_env = ray.get(rendezvous.start.remote(), timeout=PLACEMENT_TIMEOUT_S)
+    except BaseException:
+        ray.kill(rendezvous)
+        raise
     host_cls = ray.remote(_Host)
     specs = {name: (r.cls, r.args, r.kwargs) for name, r in roles.items()}
     actors = []
     for rank in range(pool.world_size):
         # Ray gives each actor its own CUDA_VISIBLE_DEVICES, so the visible device is index 0.
-        env = {"RANK": str(rank), "WORLD_SIZE": str(pool.world_size), "LOCAL_RANK": "0",
-               "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)}
+        env = {"RANK": str(rank), "WORLD_SIZE": str(pool.world_size), "LOCAL_RANK": "0", **store_env}
         actors.append(host_cls.options(scheduling_strategy=strategy(rank), **share).remote(env, specs))
-    handle = RayHandle(actors)
+    handle = RayHandle(actors, rendezvous)
     try:  # wait until every rank has built its workers, so call timeouts never include start-up
         wait_refs([a.pid.remote() for a in actors], list(range(len(actors))), START_TIMEOUT_S,
                   f"starting {'+'.join(f'{n}={r.cls.__name__}' for n, r in roles.items())}")
@@ -136,8 +140,8 @@ class RayFuture(Future):
 
 
 class RayHandle:
-    def __init__(self, actors: list):
-        self.actors = actors
+    def __init__(self, actors: list, rendezvous: Any = None):
+        self.actors, self.rendezvous = actors, rendezvous
         self.fetched = 0  # how many results the controller has materialised (for tests/benchmarks)
 
     def submit(self, role: str, method: str, ranks: list[int], calls: list, what: str) -> tuple[list, list]:
@@ -157,9 +161,9 @@ class RayHandle:
         return ray.get([a.pid.remote() for a in self.actors])
 
     def shutdown(self) -> None:
-        for actor in self.actors:
+        for actor in self.actors + ([self.rendezvous] if self.rendezvous is not None else []):
             ray.kill(actor)
-        self.actors = []
+        self.actors, self.rendezvous = [], None
 
 
 def wait_refs(refs: list, ranks: list[int], timeout: float, what: str) -> list:

@@ -95,21 +95,3 @@ def test_stuck_collective_ends_with_error():
     finally:
         group.shutdown()
         pool.shutdown()
-
-
-def test_rendezvous_port_is_free_and_outside_the_ranges_others_draw_from():
-    """MASTER_PORT is picked seconds before the ranks bind it: it must be free now and come from
-    below the kernel's ephemeral range (bind(0) ports) and above Ray's worker ports (10002-19999)."""
-    import socket
-
-    from hybridflow.worker import free_port
-
-    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-        low = int(f.read().split()[0])
-    ports = {free_port() for _ in range(20)}
-    assert len(ports) > 1  # random, not one fixed port
-    for port in ports:
-        if low > 20000:
-            assert 20000 <= port < low
-        with socket.socket() as sock:
-            sock.bind(("", port))  # still free
