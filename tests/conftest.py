@@ -10,9 +10,10 @@ def tiny_ckpt(tmp_path_factory) -> str:
     return build_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny") / "ckpt"))
 
 
-# Tests marked `vllm` / `megatron` need that extra. Without it they are skipped with the reason,
-# unless HYBRIDFLOW_REQUIRE_EXTRAS names the extra (CI sets it: a broken install must fail, not skip).
-_EXTRA_MODULES = {"vllm": "vllm", "megatron": "megatron.core"}
+# Tests marked `vllm` / `megatron` / `ray` need that extra. Without it they are skipped with the
+# reason, unless HYBRIDFLOW_REQUIRE_EXTRAS names the extra (CI sets it: a broken install must fail,
+# not skip). The Ray fixtures (ray_cluster, ray_e2e) skip the same way.
+_EXTRA_MODULES = {"vllm": "vllm", "megatron": "megatron.core", "ray": "ray"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -20,6 +21,10 @@ def pytest_collection_modifyitems(config, items):
     import os
 
     required = {e.strip() for e in os.environ.get("HYBRIDFLOW_REQUIRE_EXTRAS", "").split(",") if e.strip()}
+    unknown = required - set(_EXTRA_MODULES)
+    if unknown:
+        raise pytest.UsageError(f"HYBRIDFLOW_REQUIRE_EXTRAS: unknown extras {sorted(unknown)}; "
+                                f"known: {sorted(_EXTRA_MODULES)}")
     for extra, module in _EXTRA_MODULES.items():
         try:
             present = importlib.util.find_spec(module) is not None
@@ -27,9 +32,9 @@ def pytest_collection_modifyitems(config, items):
             present = False
         if present:
             continue
+        if extra in required:
+            raise pytest.UsageError(f"the {extra} extra is required (HYBRIDFLOW_REQUIRE_EXTRAS) but module "
+                                    f"{module!r} is not importable")
         for item in items:
             if extra in item.keywords:
-                if extra in required:
-                    raise pytest.UsageError(f"tests marked {extra!r} need the {extra} extra (module {module!r} "
-                                            f"is not importable) and HYBRIDFLOW_REQUIRE_EXTRAS requires it")
                 item.add_marker(pytest.mark.skip(reason=f"needs the {extra} extra: pip install -e '.[{extra}]'"))
