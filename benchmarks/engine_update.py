@@ -2,7 +2,8 @@
 
     python -m benchmarks.engine_update [--config benchmarks/configs/cpu-small.yaml] [--rows 64]
         [--prompt-length P] [--response-length R] [--micro-batch-size 16] [--steps 3]
-        [--gradient-checkpointing] [--peak-tflops X] [--out FILE.json]
+        [--gradient-checkpointing] [--variants padded,packed] [--peak-tflops X] [--out FILE.json]
+        [engine_key=value ...]
 
 The model is the config's ``shape`` (random weights, as in benchmarks/rlhf_step.py). The batch is
 what an RL step trains on once responses stop at EOS: ``rows`` prompts of ``P/2 .. P`` tokens
@@ -12,12 +13,17 @@ batch, same micro-batch rows) runs 1 untimed and ``--steps`` timed ``train_batch
 token-mean ``-log p`` loss, side by side in one process:
 
 * ``padded``: micro-batches of ``[rows, P+R]`` (columns without a real token trimmed);
-* ``packed``: ``remove_padding=True`` — the real tokens of a micro-batch in one sequence.
+* ``packed``: ``remove_padding=True`` — the real tokens of a micro-batch in one sequence;
+* ``packed_flex``: ``packed`` with ``attn_implementation=flex_attention``, whose block-sparse
+  document mask skips the attention between packed sequences (GPU only: torch's flex attention
+  has no backward on CPU).
 
-Reported per variant: seconds per update, real tokens/s (``attention_mask.sum()`` / time), the
-update's MFU ``6·N·real tokens / time / peak`` (N as in rlhf_step: matmul parameters incl. the LM
-head; the peak from ``--peak-tflops``, a known GPU, or a fp32 matmul measured here on CPU), and the
-speed-up of ``packed`` over ``padded``. Only the ratio is meaningful on a shared CPU.
+``engine_key=value`` arguments set FSDPEngine options for every variant (e.g.
+``max_tokens_per_micro_batch=8192 dtype=bfloat16``). Reported per variant: seconds per update,
+real tokens/s (``attention_mask.sum()`` / time), the update's MFU ``6·N·real tokens / time /
+peak`` (N as in rlhf_step: matmul parameters incl. the LM head; the peak from ``--peak-tflops``, a
+known GPU, or a fp32 matmul measured here on CPU), and the speed-up of each variant over the
+first. Only the ratios are meaningful on a shared CPU.
 """
 from __future__ import annotations
 
@@ -29,13 +35,15 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from omegaconf import OmegaConf
 from tensordict import TensorDict
 
 from benchmarks.rlhf_step import build_checkpoint, device_peak
 from hybridflow.config import load_config
 
-VARIANTS = {"padded": {}, "packed": {"remove_padding": True}}
+VARIANTS = {"padded": {}, "packed": {"remove_padding": True},
+            "packed_flex": {"remove_padding": True, "attn_implementation": "flex_attention"}}
 
 
 def make_batch(rows: int, prompt_length: int, response_length: int, vocab: int, seed: int = 0) -> TensorDict:
@@ -52,6 +60,10 @@ def make_batch(rows: int, prompt_length: int, response_length: int, vocab: int, 
                        "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
                        "responses": ids[:, prompt_length:], "response_mask": response_mask.long()},
                       batch_size=[rows])
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 def nll(mb, outputs):
@@ -86,9 +98,19 @@ def parse_args(argv):
     parser.add_argument("--micro-batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--variants", default="padded,packed", help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--peak-tflops", type=float)
     parser.add_argument("--out")
-    return parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    bad = [item for item in rest if "=" not in item or item.startswith("-")]
+    if bad:
+        parser.error(f"unrecognised arguments {bad}: use --options or engine_key=value")
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown or not args.variants:
+        parser.error(f"--variants: unknown {unknown or args.variants}; available: {', '.join(VARIANTS)}")
+    args.engine = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in rest)}
+    return args
 
 
 def main(argv=None) -> dict:
@@ -102,9 +124,11 @@ def main(argv=None) -> dict:
     batch = make_batch(args.rows, prompt_length, response_length, int(shape["vocab_size"]))
     real = float(batch["attention_mask"].sum())
     peak, peak_source = (args.peak_tflops, "--peak-tflops") if args.peak_tflops else device_peak()
-    engine_cfg = {"micro_batch_size": args.micro_batch_size, "gradient_checkpointing": args.gradient_checkpointing}
+    engine_cfg = {"micro_batch_size": args.micro_batch_size, "gradient_checkpointing": args.gradient_checkpointing,
+                  **args.engine}
     results = {}
-    for name, extra in VARIANTS.items():
+    for name in args.variants:
+        extra = VARIANTS[name]
         times = time_updates(str(ckpt), batch, {**engine_cfg, **extra}, args.steps)
         seconds = sum(times) / len(times)
         results[name] = {"update_s": seconds, "times_s": times, "real_tokens_per_s": real / seconds,
@@ -114,13 +138,17 @@ def main(argv=None) -> dict:
                        "response_length": response_length, "micro_batch_size": args.micro_batch_size,
                        "real_tokens": real, "grid_tokens": float(batch["attention_mask"].numel()),
                        "padding_fraction": 1 - real / batch["attention_mask"].numel(), **counts,
-                       "peak_tflops": peak, "peak_source": peak_source, "torch_threads": torch.get_num_threads()},
-              "variants": results, "packed_speedup": results["padded"]["update_s"] / results["packed"]["update_s"]}
-    print("| variant | update s | real tokens/s | update MFU |\n|---|---|---|---|")
+                       "peak_tflops": peak, "peak_source": peak_source, "torch_threads": torch.get_num_threads(),
+                       "engine": engine_cfg, "device": device_name(), "torch": torch.__version__},
+              "variants": results}
+    first = results[args.variants[0]]["update_s"]
+    print(f"| variant | update s | real tokens/s | update MFU | speed-up vs {args.variants[0]} |")
+    print("|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['update_s']:.3f} | {r['real_tokens_per_s']:.0f} | {100 * r['update_mfu']:.2f}% |")
-    print(f"padding: {100 * report['meta']['padding_fraction']:.0f}% of the grid; "
-          f"packed speed-up over padded: {report['packed_speedup']:.2f}x")
+        r["speedup"] = first / r["update_s"]
+        print(f"| {name} | {r['update_s']:.3f} | {r['real_tokens_per_s']:.0f} | {100 * r['update_mfu']:.2f}% "
+              f"| {r['speedup']:.2f}x |")
+    print(f"padding: {100 * report['meta']['padding_fraction']:.0f}% of the grid")
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
     return report

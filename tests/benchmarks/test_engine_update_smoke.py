@@ -28,3 +28,23 @@ def test_tiny_run_writes_both_variants(tmp_path, monkeypatch):
         r = report["variants"][name]
         assert len(r["times_s"]) == 1 and all(math.isfinite(v) and v > 0
                                                for v in (r["update_s"], r["real_tokens_per_s"], r["update_mfu"]))
+        assert r["speedup"] > 0
+    assert report["variants"]["padded"]["speedup"] == 1.0  # relative to the first variant
+
+
+def test_variants_and_engine_options_come_from_the_command_line(tmp_path, monkeypatch, capsys):
+    import pytest
+
+    monkeypatch.chdir(__file__.rsplit("/tests/", 1)[0])
+    torch.set_num_threads(1)
+    base = ["--config", "benchmarks/configs/tiny.yaml", "--rows", "6", "--steps", "1", "--peak-tflops", "0.05"]
+    report = main(base + ["--variants", "packed", "max_tokens_per_micro_batch=40", "grad_clip=null"])
+    assert list(report["variants"]) == ["packed"]
+    engine = report["meta"]["engine"]
+    assert engine["max_tokens_per_micro_batch"] == 40 and engine["grad_clip"] is None
+    for bad, says in ((["--variants", "packed,bogus"], "bogus"), (["oops"], "oops")):
+        with pytest.raises(SystemExit):
+            main(base + bad)
+        assert says in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no_such_option"):  # the engine names an unknown option
+        main(base + ["no_such_option=1"])

@@ -245,6 +245,18 @@ def test_packed_forward_equals_padded(tiny_ckpt, make_rl_batch, temperature):
     assert shapes == [(1, real[0] + real[1]), (1, real[2] + real[3]), (1, real[4])]  # one row, no pads
 
 
+def test_packed_forward_with_flex_attention_keeps_sequences_apart(tiny_ckpt, make_rl_batch):
+    """flex_attention (the GPU's variable-length path without flash-attn) builds its document mask
+    from the restarting position ids: the packed forward equals the padded one, so no token sees
+    another sequence. Forward only: torch's flex attention has no backward on CPU (the update is
+    checked on a GPU by tests/workers/test_gpu_paths.py)."""
+    batch = make_rl_batch([6, 3, 5], [5, 2, 4])
+    ref = FSDPEngine({"model_path": tiny_ckpt}).forward(batch)["log_probs"]
+    flex = FSDPEngine({"model_path": tiny_ckpt, "remove_padding": True, "attn_implementation": "flex_attention"})
+    assert flex.module.config._attn_implementation == "flex_attention"
+    torch.testing.assert_close(flex.forward(batch)["log_probs"], ref, atol=1e-5, rtol=1e-5)
+
+
 def test_packed_value_model_and_all_token_mode(tiny_ckpt, make_rl_batch):
     batch = make_rl_batch([6, 3, 5], [5, 2, 1])
     for model_type in ("value", "causal_lm"):

@@ -96,7 +96,8 @@ class EngineConfig:
         restart per sequence, block-diagonal attention) so the linear layers spend nothing on
         padding; outputs are the same as the padded path's up to float rounding. With ``sdpa`` the
         mask is dense over the pack (attention ~ pack length²): worth it with a variable-length
-        kernel (``attn_implementation="flash_attention_2"``) or short sequences.
+        kernel (``attn_implementation="flash_attention_2"``, or ``"flex_attention"`` on a GPU:
+        its document mask skips the blocks between sequences) or short sequences.
     seed (0): seeds the value-head initialisation.
     """
 
