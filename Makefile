@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed-$(shell cksum < setup.py | cut -d' ' -f1)-$(subst $(
 PYTEST_ARGS ?=
 PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest tests -q $(PYTEST_ARGS)
 
-.PHONY: venv test quickstart clean
+.PHONY: venv test quickstart clean gpu-wheels
 
 venv: $(STAMP)
 
@@ -40,3 +40,12 @@ quickstart:
 
 clean:
 	rm -rf runs .pytest_cache
+
+# For a GPU machine without network that has Python 3.12, torch and transformers (the single-H100
+# test machine): the other dependencies as wheels in .whl/, which benchmarks/gpu_suite.sh installs.
+GPU_WHEELS ?= tensordict==0.15.3 pyvers==0.2.3 cloudpickle==3.1.2 omegaconf==2.4.0 megatron-core==0.16.1
+GPU_PLATFORMS := $(foreach n,2_17 2_24 2_27 2_28,--platform manylinux_$(n)_x86_64) --platform manylinux2014_x86_64
+gpu-wheels:
+	rm -rf .whl && mkdir -p .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(GPU_PLATFORMS) -d .whl $(GPU_WHEELS)
