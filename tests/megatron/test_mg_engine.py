@@ -134,6 +134,8 @@ def test_build_engine_and_errors(ckpt, mg_single):
         build_engine(ckpt, {"backend": "megatron", "megatron": {"tp": 2}})
     with pytest.raises(ValueError, match="reshard must be one of .*'smart'"):
         build_engine(ckpt, {"backend": "megatron", "megatron": {"reshard": "smart"}})
+    with pytest.raises(ValueError, match="remove_padding=true is not supported"):
+        build_engine(ckpt, {"backend": "megatron", "remove_padding": True})
 
 
 def test_bf16_trains_and_restores_master_weights(ckpt, mg_single, tmp_path):

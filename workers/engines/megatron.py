@@ -57,9 +57,9 @@ class MegatronEngineConfig(EngineConfig):
     (pipeline stages, 1; must divide the layer count), ``use_distributed_optimizer`` (False;
     True shards the optimizer state over DP), ``overlap_grad_reduce`` (False). ``dp`` is
     ``world_size / (tp · pp)``. ``reshard`` (``micro_dp``): how :meth:`MegatronEngine.generation_context`
-    gets the full weights (see there). ``remove_padding`` and ``gradient_checkpointing`` are accepted for
-    config compatibility; padding removal is not implemented (padded path is used),
-    gradient checkpointing maps to megatron's full-layer recompute."""
+    gets the full weights (see there). ``gradient_checkpointing`` maps to megatron's full-layer
+    recompute. ``remove_padding=True`` is refused: megatron-core packs sequences only with
+    Transformer Engine's THD attention, which this engine does not use."""
 
     tp: int = 1
     pp: int = 1
@@ -73,6 +73,9 @@ class MegatronEngineConfig(EngineConfig):
             raise ValueError(f"megatron: tp and pp must be >= 1, got tp={self.tp} pp={self.pp}")
         if self.reshard not in RESHARD_MODES:
             raise ValueError(f"megatron: reshard must be one of {RESHARD_MODES}, got {self.reshard!r}")
+        if self.remove_padding:
+            raise ValueError("megatron: remove_padding=true is not supported (megatron-core packs sequences only "
+                             "with Transformer Engine's THD attention); set remove_padding=false for this role")
 
 
 def init_megatron_parallel(tp: int, pp: int) -> Tuple[int, int]:
