@@ -28,7 +28,7 @@ first. Only the ratios are meaningful on a shared CPU.
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 import tempfile
 import time
@@ -39,6 +39,7 @@ import yaml
 from omegaconf import OmegaConf
 from tensordict import TensorDict
 
+from benchmarks.cli import machine_meta, parse_with_overrides, write_report
 from benchmarks.rlhf_step import build_checkpoint, device_peak
 from hybridflow.config import load_config
 
@@ -101,10 +102,7 @@ def parse_args(argv):
     parser.add_argument("--variants", default="padded,packed", help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--peak-tflops", type=float)
     parser.add_argument("--out")
-    args, rest = parser.parse_known_args(argv)
-    bad = [item for item in rest if "=" not in item or item.startswith("-")]
-    if bad:
-        parser.error(f"unrecognised arguments {bad}: use --options or engine_key=value")
+    args, rest = parse_with_overrides(parser, argv, "engine_key=value")
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown or not args.variants:
@@ -115,6 +113,7 @@ def parse_args(argv):
 
 def main(argv=None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    loadavg_before = os.getloadavg()[0]
     cfg = load_config(args.config)
     shape = OmegaConf.to_container(cfg.shape, resolve=True)
     prompt_length = args.prompt_length or int(cfg.prompt_length)
@@ -138,8 +137,8 @@ def main(argv=None) -> dict:
                        "response_length": response_length, "micro_batch_size": args.micro_batch_size,
                        "real_tokens": real, "grid_tokens": float(batch["attention_mask"].numel()),
                        "padding_fraction": 1 - real / batch["attention_mask"].numel(), **counts,
-                       "peak_tflops": peak, "peak_source": peak_source, "torch_threads": torch.get_num_threads(),
-                       "engine": engine_cfg, "device": device_name(), "torch": torch.__version__},
+                       "peak_tflops": peak, "peak_source": peak_source, "engine": engine_cfg,
+                       "device": device_name(), **machine_meta(loadavg_before)},
               "variants": results}
     first = results[args.variants[0]]["update_s"]
     print(f"| variant | update s | real tokens/s | update MFU | speed-up vs {args.variants[0]} |")
@@ -149,8 +148,7 @@ def main(argv=None) -> dict:
         print(f"| {name} | {r['update_s']:.3f} | {r['real_tokens_per_s']:.0f} | {100 * r['update_mfu']:.2f}% "
               f"| {r['speedup']:.2f}x |")
     print(f"padding: {100 * report['meta']['padding_fraction']:.0f}% of the grid")
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2))
+    write_report(report, args.out)
     return report
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from benchmarks.cli import machine_meta, parse_with_overrides, write_report
 from hybridflow import DataProto, Dispatch, Worker, register
 from hybridflow.config import ConfigError, all_keys, apply_overrides, load_config, unknown_key_message
 
@@ -278,11 +278,7 @@ def parse_args(argv):
     parser.add_argument("--peak-tflops", type=float, help="peak FLOP/s per device for MFU (default: see above)")
     parser.add_argument("--run-dir", help="checkpoint + logs (default: a fresh temporary directory)")
     parser.add_argument("--torch-threads", type=int, help="torch intra-op threads of the controller process")
-    args, rest = parser.parse_known_args(argv)
-    bad = [item for item in rest if "=" not in item or item.startswith("-")]
-    if bad:
-        parser.error(f"unrecognised arguments {bad}: use --options or key=value overrides")
-    return args, rest
+    return parse_with_overrides(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -357,8 +353,6 @@ def main(argv: list[str] | None = None) -> dict:
     peak, peak_source = peaks
     summary = summarize(records, args.algo, world, peak)
     summary["peak_memory_gb"] = max(m["cuda_max_allocated_gb" if on_gpu else "max_rss_gb"] for m in memory)
-    import transformers
-
     meta = {
         "command": " ".join(["python -m benchmarks.rlhf_step"] + argv), "algo": args.algo,
         "config": OmegaConf.to_container(cfg, resolve=True), "executor": str(cfg.executor), "world_size": world,
@@ -368,16 +362,11 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_tflops": peak, "peak_source": peak_source, "setup_s": setup_s, "memory_per_rank": memory,
         "memory_kind": ("torch.cuda.max_memory_allocated over the timed steps" if on_gpu
                         else "ru_maxrss of the rank's process (whole run)"),
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-        "loadavg_1m_before": loadavg_before, "loadavg_1m_after": os.getloadavg()[0], "run_dir": str(run_dir),
+        **machine_meta(loadavg_before), "run_dir": str(run_dir),
     }
     report = {"meta": meta, "summary": summary, "steps": records}
     print(format_table(report))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {args.out}")
+    write_report(report, args.out)
     return report
 
 

@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -44,6 +42,7 @@ import torch
 from omegaconf import OmegaConf
 from tensordict import TensorDict
 
+from benchmarks.cli import machine_meta, parse_with_overrides, write_report
 from benchmarks.rlhf_step import DEFAULT_CONFIG, build_checkpoint, load_bench_config
 from hybridflow.config import apply_overrides
 
@@ -161,11 +160,7 @@ def parse_args(argv):
     parser.add_argument("--out", help="write every number as JSON to this file")
     parser.add_argument("--run-dir", help="holds the random checkpoint (default: a fresh temporary directory)")
     parser.add_argument("--torch-threads", type=int, help="torch intra-op threads")
-    args, rest = parser.parse_known_args(argv)
-    bad = [item for item in rest if "=" not in item or item.startswith("-")]
-    if bad:
-        parser.error(f"unrecognised arguments {bad}: use --options or key=value overrides")
-    return args, rest
+    return parse_with_overrides(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -219,8 +214,6 @@ def main(argv: list[str] | None = None) -> dict:
                   file=sys.stderr)
 
     results = [summarize(bench, benches[0], engine, opts) for bench in benches]
-    import transformers
-
     meta = {
         "command": " ".join(["python -m benchmarks.rollout_throughput"] + argv), "backends": names,
         "config": OmegaConf.to_container(cfg, resolve=True), "device": str(engine.device) + (
@@ -230,16 +223,11 @@ def main(argv: list[str] | None = None) -> dict:
         "prompts": rows, "n": int(cfg.rollout.n), "rows": rows * int(cfg.rollout.n), "prompt_length": length,
         "response_length": new, "sampling": {k: v for k, v in opts.items()}, "warmup": warmup, "reps": reps,
         "order": "sequential" if args.sequential else "interleaved", **counts,
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-        "loadavg_1m_before": loadavg_before, "loadavg_1m_after": os.getloadavg()[0], "run_dir": str(run_dir),
+        **machine_meta(loadavg_before), "run_dir": str(run_dir),
     }
     report = {"meta": meta, "results": results}
     print(format_table(report))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {args.out}")
+    write_report(report, args.out)
     return report
 
 

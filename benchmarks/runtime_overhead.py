@@ -32,7 +32,6 @@ There are no absolute targets: the numbers depend on the machine; compare ratios
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pickle
 import platform
@@ -43,6 +42,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from benchmarks.cli import write_report
 from hybridflow import DataProto, Dispatch, ResourcePool, Worker, WorkerGroup, register
 
 MB = 1e6  # MB and MB/s are 10**6 bytes
@@ -283,10 +283,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"; plain Ray actor: empty call {base['empty_call']['median_ms']:.3f} ms, "
               f"echo of the batch {base['echo_batch']['median_ms']:.3f} ms median", end="")
     print(".")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {args.out}")
+    write_report(report, args.out)
     return report
 
 
