@@ -1,7 +1,8 @@
 """hybridflow: HybridFlow-style RL post-training for language models.
 
-Three import packages from three top-level folders (the layout is fixed by DESIGN.md):
-``hybridflow`` (runtime), ``hybridflow.workers`` (workers/) and ``hybridflow.trainer`` (trainer/).
+Four import packages from top-level folders (the layout is fixed by DESIGN.md): ``hybridflow``
+(runtime), ``hybridflow.workers`` (workers/), ``hybridflow.trainer`` (trainer/) and
+``hybridflow.recipes`` (recipes/, the scripts and their YAMLs, run by the ``hybridflow`` command).
 """
 from setuptools import find_packages, setup
 
@@ -17,6 +18,7 @@ package_dir = {}
 package_dir.update(_packages("hybridflow", "hybridflow"))
 package_dir.update(_packages("hybridflow.workers", "workers"))
 package_dir.update(_packages("hybridflow.trainer", "trainer"))
+package_dir["hybridflow.recipes"] = "recipes"  # the recipe scripts + YAMLs, for the `hybridflow` command
 
 setup(
     name="hybridflow",
@@ -27,6 +29,8 @@ setup(
     python_requires=">=3.10",
     packages=list(package_dir),
     package_dir=package_dir,
+    package_data={"hybridflow.recipes": ["*.yaml"]},
+    entry_points={"console_scripts": ["hybridflow=hybridflow.trainer.main:main"]},
     install_requires=[
         # torch: CPU machines install the CPU build first (Makefile); this range admits it.
         "torch>=2.6,<2.15",
