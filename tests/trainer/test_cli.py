@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hybridflow.trainer.main import main, recipes
 
 from hybridflow.config import ConfigError, load_config
-from hybridflow.trainer.main import main, recipes
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted(p.stem for p in (REPO / "recipes").glob("*.py") if not p.name.startswith("_"))
