@@ -229,6 +229,9 @@ def test_graph_loop_bookkeeping_on_cpu(engine, prompts, static, monkeypatch, syn
     _same_output(out, static.generate(prompts, do_sample=False, max_new_tokens=10, eos_token_id=eos, pad_token_id=0))
     assert out["response_mask"].sum(-1).tolist() == [1] * 4
     assert int(captured[-1].column) == sync_every  # stopped at the first check (step sync_every) after all ended
+    # two new tokens: one replay, and the warm-up must not write past the cache's last column P + R - 2
+    _same_output(graphed.generate(prompts, do_sample=False, max_new_tokens=2),
+                 static.generate(prompts, do_sample=False, max_new_tokens=2), atol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")

@@ -326,12 +326,13 @@ class StaticRollout(Rollout):
 
     @staticmethod
     def _warm_up(run: _Decode, generator, steps: int = 2) -> None:
-        """Run ``steps`` decode steps, then undo their effect on the step state. What they wrote
-        into the cache (columns ``P ..``) and the outputs is overwritten before it is read; the
-        generator is reseeded by the caller."""
+        """Run ``min(steps, R - 1)`` decode steps (the cache has ``R - 1`` columns after the
+        prompt), then undo their effect on the step state. What they wrote into the cache (columns
+        ``P ..``) and the outputs is overwritten before it is read; the generator is reseeded by
+        the caller."""
         state = (run.last, run.pos, run.write, run.column, run.done)
         saved = [t.clone() for t in state]
-        for _ in range(steps):
+        for _ in range(min(steps, run.R - 1)):
             run.step(generator)
         for tensor, value in zip(state, saved):
             tensor.copy_(value)
