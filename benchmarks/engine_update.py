@@ -28,6 +28,7 @@ first. Only the ratios are meaningful on a shared CPU.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import tempfile
@@ -87,6 +88,9 @@ def time_updates(ckpt: str, batch: TensorDict, engine_cfg: dict, steps: int) -> 
         if step:
             times.append(time.perf_counter() - start)
     del engine
+    gc.collect()  # free this variant's model and optimizer before the next one is built
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return times
 
 

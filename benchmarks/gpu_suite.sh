@@ -3,16 +3,19 @@
 # torch and transformers but none of hybridflow's other dependencies and no network (the
 # single-H100 test machine). Prepare, in the repository root of a machine with network:
 #     make gpu-wheels          # .whl/: tensordict, omegaconf, megatron-core, ... for Python 3.12
-# then, in the repository root of the GPU machine (each line well under 10 minutes on one H100):
+# then, in the repository root of the GPU machine, with .whl/ carried along (it is git-ignored),
+# one line per call (each about 5-8 minutes on one H100, by estimate: never run there yet):
 #     bash benchmarks/gpu_suite.sh check rollout
-#     bash benchmarks/gpu_suite.sh update step
+#     bash benchmarks/gpu_suite.sh update
+#     bash benchmarks/gpu_suite.sh step
 # Parts:
 #   check    versions, GPU memory, and the GPU-only tests (CUDA-graph rollout == eager rollout ==
 #            trainer log-probs; packed / flex-attention updates == padded update)
 #   rollout  generate (hf) vs the static-cache rollout with CUDA graphs, then without graphs
 #   update   actor update: padded / packed / packed with flex attention; with and without
 #            gradient checkpointing
-#   step     whole GRPO steps (static and hf rollout) and a PPO step, per stage
+#   step     whole GRPO and PPO steps with the static rollout, per stage (hf vs static
+#            generation is compared by the rollout part)
 # Every part writes <part>*.json and <part>.log into $OUT (default ./gpu_results) and goes on after
 # a failure; the exit code is the number of failed commands.
 # SMOKE=1 runs every part on the tiny CI config instead of the Qwen2-0.5B shape: a check of this
@@ -51,7 +54,9 @@ if [ "${SMOKE:-0}" = 1 ]; then  # flex attention has no backward on CPU: no pack
   CFG=benchmarks/configs/tiny.yaml ROWS=8 MB=4 FLEX= TESTS=(tests/workers/test_gpu_paths.py)
 else
   CFG=benchmarks/configs/qwen2-0.5b.yaml ROWS=256 MB=16 FLEX=,packed_flex
-  TESTS=(tests/workers/test_gpu_paths.py tests/workers/test_rollout_static.py)
+  # only the GPU test of test_rollout_static.py: its other tests are CPU references (fp32 engine,
+  # eager decode, atol 1e-5; one needs pyarrow) and fail by design on a bf16 CUDA engine
+  TESTS=(tests/workers/test_gpu_paths.py tests/workers/test_rollout_static.py::test_cuda_graph_equals_eager_on_gpu)
 fi
 FAILED=0
 
@@ -85,7 +90,6 @@ part_update() {
 
 part_step() {
   run step.log "$PY" -m benchmarks.rlhf_step --config "$CFG" rollout.backend=static --out "$OUT/step_grpo_static.json"
-  run step.log "$PY" -m benchmarks.rlhf_step --config "$CFG" --out "$OUT/step_grpo_hf.json"
   run step.log "$PY" -m benchmarks.rlhf_step --config "$CFG" --algo ppo rollout.backend=static --out "$OUT/step_ppo_static.json"
 }
 
