@@ -16,7 +16,9 @@ token-mean ``-log p`` loss, side by side in one process:
 * ``packed``: ``remove_padding=True`` — the real tokens of a micro-batch in one sequence;
 * ``packed_flex``: ``packed`` with ``attn_implementation=flex_attention``, whose block-sparse
   document mask skips the attention between packed sequences (GPU only: torch's flex attention
-  has no backward on CPU).
+  has no backward on CPU);
+* ``compiled`` / ``packed_flex_compiled``: ``padded`` / ``packed_flex`` with ``compile=True``
+  (each decoder layer's forward through ``torch.compile``; the untimed first call compiles).
 
 ``engine_key=value`` arguments set FSDPEngine options for every variant (e.g.
 ``max_tokens_per_micro_batch=8192 dtype=bfloat16``). Reported per variant: seconds per update,
@@ -45,7 +47,9 @@ from benchmarks.rlhf_step import build_checkpoint, device_peak
 from hybridflow.config import load_config
 
 VARIANTS = {"padded": {}, "packed": {"remove_padding": True},
-            "packed_flex": {"remove_padding": True, "attn_implementation": "flex_attention"}}
+            "packed_flex": {"remove_padding": True, "attn_implementation": "flex_attention"},
+            "compiled": {"compile": True},
+            "packed_flex_compiled": {"remove_padding": True, "attn_implementation": "flex_attention", "compile": True}}
 
 
 def make_batch(rows: int, prompt_length: int, response_length: int, vocab: int, seed: int = 0) -> TensorDict:

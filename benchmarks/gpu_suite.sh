@@ -12,8 +12,8 @@
 #   check    versions, GPU memory, and the GPU-only tests (CUDA-graph rollout == eager rollout ==
 #            trainer log-probs; packed / flex-attention updates == padded update)
 #   rollout  generate (hf) vs the static-cache rollout with CUDA graphs, then without graphs
-#   update   actor update: padded / packed / packed with flex attention; with and without
-#            gradient checkpointing
+#   update   actor update: padded / packed / packed with flex attention, with gradient
+#            checkpointing; then without it, also with compiled decoder layers
 #   step     whole GRPO and PPO steps with the static rollout, per stage (hf vs static
 #            generation is compared by the rollout part)
 # Every part writes <part>*.json and <part>.log into $OUT (default ./gpu_results) and goes on after
@@ -51,9 +51,9 @@ if ! "$PY" -c "import hybridflow.workers, hybridflow.trainer" 2> /dev/null; then
 fi
 
 if [ "${SMOKE:-0}" = 1 ]; then  # flex attention has no backward on CPU: no packed_flex variant there
-  CFG=benchmarks/configs/tiny.yaml ROWS=8 MB=4 FLEX= TESTS=(tests/workers/test_gpu_paths.py)
+  CFG=benchmarks/configs/tiny.yaml ROWS=8 MB=4 FLEX= FLEX_COMPILED= TESTS=(tests/workers/test_gpu_paths.py)
 else
-  CFG=benchmarks/configs/qwen2-0.5b.yaml ROWS=256 MB=16 FLEX=,packed_flex
+  CFG=benchmarks/configs/qwen2-0.5b.yaml ROWS=256 MB=16 FLEX=,packed_flex FLEX_COMPILED=,packed_flex_compiled
   # only the GPU test of test_rollout_static.py: its other tests are CPU references (fp32 engine,
   # eager decode, atol 1e-5; one needs pyarrow) and fail by design on a bf16 CUDA engine
   TESTS=(tests/workers/test_gpu_paths.py tests/workers/test_rollout_static.py::test_cuda_graph_equals_eager_on_gpu)
@@ -85,7 +85,7 @@ part_update() {
   run update.log "$PY" -m benchmarks.engine_update --config "$CFG" --rows "$ROWS" --micro-batch-size "$MB" --steps 3 \
     --gradient-checkpointing --variants "padded,packed$FLEX" --out "$OUT/update_gc.json"
   run update.log "$PY" -m benchmarks.engine_update --config "$CFG" --rows "$ROWS" --micro-batch-size "$MB" --steps 3 \
-    --variants "padded$FLEX" --out "$OUT/update_nogc.json"
+    --variants "padded,compiled$FLEX$FLEX_COMPILED" --out "$OUT/update_nogc.json"
 }
 
 part_step() {

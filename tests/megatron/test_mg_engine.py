@@ -136,6 +136,8 @@ def test_build_engine_and_errors(ckpt, mg_single):
         build_engine(ckpt, {"backend": "megatron", "megatron": {"reshard": "smart"}})
     with pytest.raises(ValueError, match="remove_padding=true is not supported"):
         build_engine(ckpt, {"backend": "megatron", "remove_padding": True})
+    with pytest.raises(ValueError, match="compile=true is not supported"):
+        build_engine(ckpt, {"backend": "megatron", "compile": True})
 
 
 def test_bf16_trains_and_restores_master_weights(ckpt, mg_single, tmp_path):

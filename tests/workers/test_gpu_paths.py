@@ -2,8 +2,9 @@
 has no backward on CPU). Skipped without CUDA; on a GPU machine ``bash benchmarks/gpu_suite.sh
 check`` runs them with the CUDA-graph rollout test.
 
-* fp32: the packed update (``remove_padding``, sdpa) and the packed update with flex attention's
-  document mask give the padded path's log-probs before and after one update, and the same grad norm.
+* fp32: every variant of benchmarks/engine_update.py (packed with sdpa, packed with flex
+  attention's document mask, compiled decoder layers) gives the padded path's log-probs before
+  and after one update, and the same grad norm.
 * bf16 (the GPU default): the packed flex update trains (finite loss, the trained tokens' log-probs go up).
 """
 import pytest
@@ -27,7 +28,7 @@ def _update(ckpt, extra, dtype):
     return batch, before, engine.forward(batch)["log_probs"], metrics
 
 
-def test_packed_and_flex_updates_match_the_padded_one_in_fp32(tiny_ckpt):
+def test_update_variants_match_the_padded_one_in_fp32(tiny_ckpt):
     results = {name: _update(tiny_ckpt, extra, "float32") for name, extra in VARIANTS.items()}
     batch, ref_before, ref_after, ref_metrics = results["padded"]
     mask = batch["response_mask"].bool()

@@ -132,6 +132,8 @@ class FSDPEngine(TrainEngine):
         kw = {"mesh": self._mesh, "mp_policy": mp, "reshard_after_forward": self.config.reshard_after_forward}
         for layer in layers:
             fully_shard(layer, **kw)
+            if self.config.compile:  # the forward only: FSDP2's hooks around it stay eager
+                layer.forward = torch.compile(layer.forward)
         fully_shard(model, **kw)
         return model
 
