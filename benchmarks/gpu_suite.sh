@@ -10,7 +10,7 @@
 #     bash benchmarks/gpu_suite.sh step
 # Parts:
 #   check    versions, GPU memory, and the GPU-only tests (CUDA-graph rollout == eager rollout ==
-#            trainer log-probs; packed / flex-attention updates == padded update)
+#            trainer log-probs; packed / flex-attention / compiled updates == padded update)
 #   rollout  generate (hf) vs the static-cache rollout with CUDA graphs, then without graphs
 #   update   actor update: padded / packed / packed with flex attention, with gradient
 #            checkpointing; then without it, also with compiled decoder layers
@@ -37,13 +37,14 @@ fi
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 
 # hybridflow itself: an installed copy (pip install -e .) if there is one, else the source tree laid
-# out as the wheel installs it (workers/ -> hybridflow/workers, trainer/ -> hybridflow/trainer),
-# with the benchmarks, tests and recipes beside it.
+# out as the wheel installs it (workers/ -> hybridflow/workers, trainer/ -> hybridflow/trainer,
+# recipes/ -> hybridflow/recipes), with the benchmarks, tests and recipes beside it.
 cd "$ROOT"
 if ! "$PY" -c "import hybridflow.workers, hybridflow.trainer" 2> /dev/null; then
   rm -rf "$STAGE" && mkdir -p "$STAGE"
   cp -r hybridflow "$STAGE/hybridflow" && cp -r workers "$STAGE/hybridflow/workers" \
-    && cp -r trainer "$STAGE/hybridflow/trainer" && cp -r benchmarks tests recipes pytest.ini "$STAGE/" \
+    && cp -r trainer "$STAGE/hybridflow/trainer" && cp -r recipes "$STAGE/hybridflow/recipes" \
+    && cp -r benchmarks tests recipes pytest.ini "$STAGE/" \
     || { echo "gpu_suite: staging the source tree failed" >&2; exit 100; }
   cd "$STAGE"
   "$PY" -c "import hybridflow.workers, hybridflow.trainer, tensordict, omegaconf" \
