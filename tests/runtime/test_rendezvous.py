@@ -1,16 +1,12 @@
 """The rank rendezvous: the launcher serves the store on a port the kernel picked, so no other
 process can take the port between choosing and binding it, and every rank joins as a client."""
 import socket
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
 from hybridflow.worker import rendezvous_server
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gloo_launch import launch  # noqa: E402
+from tests.gloo_launch import launch
 
 RANK_SCRIPT = textwrap.dedent("""
     import os, torch, torch.distributed as dist
