@@ -38,16 +38,26 @@ def recipes() -> dict[str, str]:
     return found
 
 
-def _recipe_path(name: str) -> str:
-    known = recipes()
-    if name not in known:
-        raise SystemExit(f"hybridflow: no recipe {name!r}; recipes: {', '.join(known)}\n{USAGE}")
-    return os.path.join(recipes_dir(), f"{name}.py")
+def _recipe_path(name: str, ext: str = ".py") -> str:
+    path = os.path.join(recipes_dir(), name + ext)
+    if not os.path.isfile(os.path.join(recipes_dir(), name + ".py")) or name.startswith("_"):
+        raise SystemExit(f"hybridflow: no recipe {name!r}; recipes: {', '.join(recipes())}\n{USAGE}")
+    if not os.path.isfile(path):
+        raise SystemExit(f"hybridflow: recipe {name!r} has no config of its own ({name}{ext}); "
+                         f"its overrides go to the recipes it runs")
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The console script: :func:`run` on ``argv`` (default ``sys.argv[1:]``); exit status 0."""
-    run(sys.argv[1:] if argv is None else argv)
+    """The console script: :func:`run` on ``argv`` (default ``sys.argv[1:]``); exit status 0, or
+    2 with one line naming the cause for a bad config (a recipe's ``ConfigError``)."""
+    from hybridflow.config import ConfigError
+
+    try:
+        run(sys.argv[1:] if argv is None else argv)
+    except ConfigError as err:
+        print(f"hybridflow: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -69,8 +79,7 @@ def run(argv: list[str]):
 
         from hybridflow.config import load_config
 
-        _recipe_path(rest[0])
-        print(OmegaConf.to_yaml(load_config(os.path.join(recipes_dir(), f"{rest[0]}.yaml"))), end="")
+        print(OmegaConf.to_yaml(load_config(_recipe_path(rest[0], ".yaml"))), end="")
         return None
     return runpy.run_path(_recipe_path(command))["main"](rest)
 

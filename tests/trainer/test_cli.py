@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hybridflow.trainer.main import main, recipes
+from hybridflow.trainer.main import main, recipes, run
 
 from hybridflow.config import ConfigError, load_config
 
@@ -35,8 +35,14 @@ def test_config_prints_the_merged_default_config(capsys):
 def test_unknown_recipe_and_bad_overrides_are_named(capsys):
     with pytest.raises(SystemExit, match="no recipe 'grop'.*grpo"):
         main(["grop"])
+    with pytest.raises(SystemExit, match="'quickstart' has no config of its own"):
+        main(["config", "quickstart"])
     with pytest.raises(ConfigError, match="no_such"):  # the arguments reach the recipe's own parser
-        main(["grpo", "no_such.key=1"])
+        run(["grpo", "no_such.key=1"])
+    capsys.readouterr()
+    assert main(["grpo", "no_such.key=1"]) == 2  # the console script: one line, no traceback
+    err = capsys.readouterr().err
+    assert err.startswith("hybridflow: unknown config key 'no_such.key'") and "Traceback" not in err
     main([])
     assert "usage: hybridflow" in capsys.readouterr().out
 
