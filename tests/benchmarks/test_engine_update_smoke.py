@@ -2,6 +2,7 @@
 import json
 import math
 
+import pytest
 import torch
 
 from benchmarks.engine_update import main, make_batch
@@ -16,9 +17,7 @@ def test_batch_has_the_documented_padding():
     assert (am[:, :8].diff(dim=1) >= 0).all()  # left padding: 0s then 1s
 
 
-def test_tiny_run_writes_both_variants(tmp_path, monkeypatch):
-    monkeypatch.chdir(__file__.rsplit("/tests/", 1)[0])
-    torch.set_num_threads(1)
+def test_tiny_run_writes_both_variants(tmp_path):
     out = tmp_path / "eu.json"
     report = main(["--config", "benchmarks/configs/tiny.yaml", "--rows", "6", "--micro-batch-size", "3",
                    "--steps", "1", "--peak-tflops", "0.05", "--out", str(out)])
@@ -32,11 +31,7 @@ def test_tiny_run_writes_both_variants(tmp_path, monkeypatch):
     assert report["variants"]["padded"]["speedup"] == 1.0  # relative to the first variant
 
 
-def test_variants_and_engine_options_come_from_the_command_line(tmp_path, monkeypatch, capsys):
-    import pytest
-
-    monkeypatch.chdir(__file__.rsplit("/tests/", 1)[0])
-    torch.set_num_threads(1)
+def test_variants_and_engine_options_come_from_the_command_line(capsys):
     base = ["--config", "benchmarks/configs/tiny.yaml", "--rows", "6", "--steps", "1", "--peak-tflops", "0.05"]
     report = main(base + ["--variants", "packed", "max_tokens_per_micro_batch=40", "grad_clip=null"])
     assert list(report["variants"]) == ["packed"]

@@ -1,29 +1,16 @@
 """Smoke test of benchmarks/rlhf_step.py on the tiny config: 1 warm-up + 2 timed steps in-process
 write the JSON it documents. No timing assertions: the numbers depend on the machine."""
 import json
-import math
 
 import pytest
-import torch
 
 from benchmarks.rlhf_step import STAGES, main
 from hybridflow.config import ConfigError
 
+from . import positive
+
 TINY = ["--config", "benchmarks/configs/tiny.yaml", "warmup_steps=1", "steps=2", "data.batch_size=2",
         "rollout.n=2", "prompt_length=6", "response_length=5", "--peak-tflops", "0.05"]
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread(monkeypatch):
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.chdir(__file__.rsplit("/tests/", 1)[0])  # the config path is relative to the repo root
-    yield
-    torch.set_num_threads(before)
-
-
-def positive(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])

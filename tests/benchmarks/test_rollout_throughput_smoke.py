@@ -1,28 +1,15 @@
 """Smoke test of benchmarks/rollout_throughput.py: hf and static side by side on the tiny config
 write the JSON it documents. No timing assertions: the numbers depend on the machine."""
 import json
-import math
 
 import pytest
-import torch
 
 from benchmarks.rollout_throughput import main
 
+from . import positive
+
 TINY = ["--config", "benchmarks/configs/tiny.yaml", "--warmup", "1", "--reps", "2", "data.batch_size=2",
         "rollout.n=2", "prompt_length=5", "response_length=6"]
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread(monkeypatch):
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.chdir(__file__.rsplit("/tests/", 1)[0])  # the config path is relative to the repo root
-    yield
-    torch.set_num_threads(before)
-
-
-def positive(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 @pytest.mark.parametrize("sequential", [False, True])

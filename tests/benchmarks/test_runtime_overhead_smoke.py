@@ -1,18 +1,15 @@
 """Smoke test of benchmarks/runtime_overhead.py: a tiny run produces the JSON it documents.
 No timing assertions: the numbers depend on the machine."""
 import json
-import math
 
 import pytest
 
 from benchmarks.runtime_overhead import BENCHMARKS, main
 
+from . import positive
+
 TINY = ["--quick", "--rows", "6", "--prompt-len", "8", "--response-len", "8",
         "--warmup", "1", "--reps-empty", "5", "--reps-data", "3"]
-
-
-def positive(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def check_stats(stats: dict, with_throughput: bool) -> None:
