@@ -10,6 +10,20 @@ def tiny_ckpt(tmp_path_factory) -> str:
     return build_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny") / "ckpt"))
 
 
+@pytest.fixture
+def clean_registries():
+    """Code that a test executes (docs snippets, the example recipe) may register algorithm pieces;
+    remove what it added."""
+    from hybridflow.trainer.algos import ADVANTAGES, AGG_MODES, KL_PENALTIES, POLICY_LOSSES
+
+    registries = (ADVANTAGES, AGG_MODES, KL_PENALTIES, POLICY_LOSSES)
+    before = [set(r.names()) for r in registries]
+    yield
+    for registry, names in zip(registries, before):
+        for name in set(registry.names()) - names:
+            registry.unregister(name)
+
+
 # Tests marked `vllm` / `megatron` / `ray` need that extra. Without it they are skipped with the
 # reason, unless HYBRIDFLOW_REQUIRE_EXTRAS names the extra (CI sets it: a broken install must fail,
 # not skip). The Ray fixtures (ray_cluster, ray_e2e) skip the same way.

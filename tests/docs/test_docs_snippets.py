@@ -246,10 +246,11 @@ def names_table() -> dict[str, set[str]]:
 def test_config_md_names_match_the_registries():
     from hybridflow.trainer.algos import ADVANTAGES, KL_PENALTIES, POLICY_LOSSES, agg_loss_modes
     from hybridflow.trainer.tracking import BACKENDS
-    from hybridflow.worker_group import EXECUTORS
     from hybridflow.workers.engines.base import _DTYPES
     from hybridflow.workers.engines.ops import LR_SCHEDULES
     from hybridflow.workers.roles.common import BACKENDS as ENGINE_BACKENDS
+
+    from hybridflow.worker_group import EXECUTORS
 
     rows = names_table()
     expected = {
@@ -322,19 +323,6 @@ SNIPPETS = [(rel(doc), i, code) for doc in (REWARDS_MD, RECIPES_MD)
 
 def test_docs_have_tested_snippets():
     assert sum(doc == rel(REWARDS_MD) for doc, _, _ in SNIPPETS) >= 3
-
-
-@pytest.fixture
-def clean_registries():
-    """Snippets may register algorithm pieces; remove what they added."""
-    from hybridflow.trainer.algos import ADVANTAGES, AGG_MODES, KL_PENALTIES, POLICY_LOSSES
-
-    registries = (ADVANTAGES, AGG_MODES, KL_PENALTIES, POLICY_LOSSES)
-    before = [set(r.names()) for r in registries]
-    yield
-    for registry, names in zip(registries, before):
-        for name in set(registry.names()) - names:
-            registry.unregister(name)
 
 
 @pytest.mark.parametrize("doc,index,code", SNIPPETS, ids=[f"{d}#{i}" for d, i, _ in SNIPPETS])

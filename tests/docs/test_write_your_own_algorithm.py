@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 import random
 import re
 import runpy
@@ -22,30 +21,18 @@ import pytest
 import torch
 
 from hybridflow.config import parse_cli
+from tests.isolation import distributed_state_restored
 
 ROOT = Path(__file__).resolve().parents[2]
 GUIDE = ROOT / "docs" / "write-your-own-algorithm.md"
 EXAMPLE = ROOT / "examples" / "passk_grpo.py"
 EXAMPLE_YAML = ROOT / "examples" / "passk_grpo.yaml"
 BLOCK = re.compile(r"(?:<!-- (from: [^>]*?|test) -->\s*)?```(\w*)\n(.*?)```", re.S)
-DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def blocks() -> list[tuple[str, str, str]]:
     """(marker or '', language, code) of every fenced block of the guide."""
     return [(m.group(1) or "", m.group(2), m.group(3)) for m in BLOCK.finditer(GUIDE.read_text())]
-
-
-@pytest.fixture
-def clean_registries():
-    """The example registers ``passk`` and ``cispo`` when it is executed: remove what a test added."""
-    from hybridflow.trainer.algos import ADVANTAGES, POLICY_LOSSES
-
-    before = [set(r.names()) for r in (ADVANTAGES, POLICY_LOSSES)]
-    yield
-    for registry, names in zip((ADVANTAGES, POLICY_LOSSES), before):
-        for name in set(registry.names()) - names:
-            registry.unregister(name)
 
 
 @pytest.fixture
@@ -93,21 +80,9 @@ SNIPPETS = [code for marker, lang, code in blocks() if marker == "test"]
 
 @pytest.mark.parametrize("index", range(len(SNIPPETS)))
 def test_snippet_runs(index, monkeypatch, clean_registries):
-    import torch.distributed as dist
-
     monkeypatch.chdir(ROOT)
-    saved = {k: os.environ.get(k) for k in DIST_ENV}
-    was_initialized = dist.is_available() and dist.is_initialized()
-    try:
+    with distributed_state_restored():  # the inprocess executor's rank variables and gloo group
         exec(compile(SNIPPETS[index], f"{GUIDE.name} snippet {index}", "exec"), {"__name__": f"guide_snippet_{index}"})
-    finally:  # the inprocess executor sets the rank variables and a gloo group: leave the process as it was
-        if dist.is_available() and dist.is_initialized() and not was_initialized:
-            dist.destroy_process_group()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def test_commands_run_the_example_with_valid_overrides():
@@ -199,10 +174,10 @@ def test_passk_bad_input_names_the_cause(example):
 
 def test_passk_through_compute_advantages(example):
     """The config key ``algorithm.pass_k`` reaches the estimator through compute_advantages."""
+    from hybridflow.trainer.rl import compute_advantages
     from omegaconf import OmegaConf
 
     from hybridflow import DataProto
-    from hybridflow.trainer.rl import compute_advantages
 
     cfg = parse_cli([], str(EXAMPLE_YAML))
     assert cfg.algorithm.adv_estimator == "passk" and cfg.algorithm.pass_k == 2

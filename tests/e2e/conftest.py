@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.isolation import distributed_state_restored
+
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "recipes"
 
@@ -110,26 +112,12 @@ def comparable(row: dict) -> dict:
     return {k: v for k, v in row.items() if not k.startswith(TIME_DEPENDENT)}
 
 
-DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
 @pytest.fixture(scope="package", autouse=True)
 def isolate_distributed():
-    """The inprocess executor sets RANK/WORLD_SIZE in os.environ and leaves the gloo process group
-    initialised (it lives as long as the process). Undo both once the e2e tests are done, so later
-    tests start from a clean process."""
-    import torch.distributed as dist
-
-    saved = {k: os.environ.get(k) for k in DIST_ENV}
-    was_initialized = dist.is_available() and dist.is_initialized()
-    yield
-    if dist.is_available() and dist.is_initialized() and not was_initialized:
-        dist.destroy_process_group()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    """Undo the in-process executor's rank variables and gloo group once the e2e tests are done,
+    so later tests start from a clean process."""
+    with distributed_state_restored():
+        yield
 
 
 @pytest.fixture

@@ -16,18 +16,6 @@ EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "passk
 RAY = ["executor=ray", "world_size=2", "num_cpus_per_worker=0.5"]
 
 
-@pytest.fixture
-def clean_registries():
-    """Executing the example registers ``passk`` and ``cispo``: remove them afterwards."""
-    from hybridflow.trainer.algos import ADVANTAGES, POLICY_LOSSES
-
-    before = [set(r.names()) for r in (ADVANTAGES, POLICY_LOSSES)]
-    yield
-    for registry, names in zip((ADVANTAGES, POLICY_LOSSES), before):
-        for name in set(registry.names()) - names:
-            registry.unregister(name)
-
-
 # (executor overrides, steps, required gain). Gains measured with examples/passk_grpo.yaml, seeds 0 / 1 / 2:
 # inprocess +0.133 / +0.117 / +0.163 (30 steps; +0.209 / +0.238 / +0.140 at 40); Ray, 2 ranks +0.123 / +0.141 /
 # +0.096 (30 steps).
