@@ -1,5 +1,6 @@
-"""Command-line pieces every harness shares: ``key=value`` overrides after the options, the
-machine facts recorded with each report, and the JSON file ``--out``."""
+"""Command-line pieces every harness shares: ``key=value`` overrides after the options, lists of
+names (``--backends``, ``--variants``), the machine facts recorded with each report, and the JSON
+file ``--out``."""
 from __future__ import annotations
 
 import argparse
@@ -18,6 +19,16 @@ def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str], what:
     if bad:
         parser.error(f"unrecognised arguments {bad}: use --options or {what} overrides")
     return args, rest
+
+
+def names_from(value: str, known, option: str) -> list[str]:
+    """The comma-separated names of ``value`` (an option such as ``--backends``); an empty list or
+    a name not in ``known`` exits with a message naming it and the choices."""
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [v for v in names if v not in known]
+    if unknown or not names:
+        raise SystemExit(f"{option}: unknown {unknown or names}; available: {', '.join(known)}")
+    return names
 
 
 def machine_meta(loadavg_before: float) -> dict:

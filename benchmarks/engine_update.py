@@ -42,7 +42,7 @@ import yaml
 from omegaconf import OmegaConf
 from tensordict import TensorDict
 
-from benchmarks.cli import machine_meta, parse_with_overrides, write_report
+from benchmarks.cli import machine_meta, names_from, parse_with_overrides, write_report
 from benchmarks.rlhf_step import build_checkpoint, device_peak
 from hybridflow.config import load_config
 
@@ -111,10 +111,7 @@ def parse_args(argv):
     parser.add_argument("--peak-tflops", type=float)
     parser.add_argument("--out")
     args, rest = parse_with_overrides(parser, argv, "engine_key=value")
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in args.variants if v not in VARIANTS]
-    if unknown or not args.variants:
-        parser.error(f"--variants: unknown {unknown or args.variants}; available: {', '.join(VARIANTS)}")
+    args.variants = names_from(args.variants, VARIANTS, "--variants")
     args.engine = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in rest)}
     return args
 

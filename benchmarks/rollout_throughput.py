@@ -42,7 +42,7 @@ import torch
 from omegaconf import OmegaConf
 from tensordict import TensorDict
 
-from benchmarks.cli import machine_meta, parse_with_overrides, write_report
+from benchmarks.cli import machine_meta, names_from, parse_with_overrides, write_report
 from benchmarks.rlhf_step import DEFAULT_CONFIG, build_checkpoint, load_bench_config
 from hybridflow.config import apply_overrides
 
@@ -170,10 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args, overrides = parse_args(argv)
-    names = [b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = [b for b in names if b not in ROLLOUT_BACKENDS]
-    if not names or unknown:
-        raise SystemExit(f"--backends: unknown {unknown or names}; available: {', '.join(ROLLOUT_BACKENDS)}")
+    names = names_from(args.backends, ROLLOUT_BACKENDS, "--backends")
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     cfg = load_bench_config(args.config, "grpo", overrides)

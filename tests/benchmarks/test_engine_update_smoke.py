@@ -37,9 +37,10 @@ def test_variants_and_engine_options_come_from_the_command_line(capsys):
     assert list(report["variants"]) == ["packed"]
     engine = report["meta"]["engine"]
     assert engine["max_tokens_per_micro_batch"] == 40 and engine["grad_clip"] is None
-    for bad, says in ((["--variants", "packed,bogus"], "bogus"), (["oops"], "oops")):
-        with pytest.raises(SystemExit):
-            main(base + bad)
-        assert says in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--variants: unknown.*bogus.*available: padded"):
+        main(base + ["--variants", "packed,bogus"])
+    with pytest.raises(SystemExit):
+        main(base + ["oops"])
+    assert "oops" in capsys.readouterr().err
     with pytest.raises(ValueError, match="no_such_option"):  # the engine names an unknown option
         main(base + ["no_such_option=1"])
