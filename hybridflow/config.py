@@ -12,9 +12,11 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import re
+import typing
 from typing import Any, Iterable
 
 import yaml
@@ -66,9 +68,14 @@ def _coerce(default: Any, value: Any, key: str) -> Any:
         raise ConfigError(f"config key {key!r} is a section; set its keys instead (e.g. {key}.<name>=...)")
     if default is None or value is None or isinstance(default, (DictConfig, ListConfig, dict, list)):
         return value
-    kind = type(default)
+    return _scalar(type(default), value, key, f" (the default is {default!r})")
+
+
+def _scalar(kind: type, value: Any, key: str, note: str = "") -> Any:
+    """``value`` as ``kind`` (bool, int, float or str): ``2.0`` is an int, ``"1e-5"`` a float,
+    ``yes``/``no`` a bool, but ``true`` is not a number and ``1.5`` not an int."""
     if isinstance(value, bool) and kind in (int, float):
-        raise ConfigError(f"config key {key!r}: {value!r} is not a valid {kind.__name__} (the default is {default!r})")
+        raise ConfigError(f"config key {key!r}: {value!r} is not a valid {kind.__name__}{note}")
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
     try:
@@ -86,12 +93,11 @@ def _coerce(default: Any, value: Any, key: str) -> Any:
             if as_float != int(as_float):
                 raise ValueError
             return int(as_float)
-        if kind is str:
+        if kind is str and not isinstance(value, (dict, list, DictConfig, ListConfig)):
             return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         pass
-    raise ConfigError(f"config key {key!r}: {value!r} is not a valid {kind.__name__} "
-                      f"(the default is {default!r})")
+    raise ConfigError(f"config key {key!r}: {value!r} is not a valid {kind.__name__}{note}")
 
 
 _SCIENTIFIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
@@ -189,3 +195,84 @@ def require_choice(cfg: DictConfig, key: str, choices: Iterable[str]) -> str:
         hint = f" Did you mean {nearest[0]!r}?" if nearest else ""
         raise ConfigError(f"config key {key!r}: {value!r} is not one of {choices}.{hint}")
     return value
+
+
+# ------------------------------------------------------------------ typed settings
+def collect() -> Any:
+    """A dataclass field that takes the keys of its section that are no field (see :func:`bind`)."""
+    return dataclasses.field(default_factory=dict, metadata={"collect": True})
+
+
+def bind(cls: type, node: Any, key: str = "") -> Any:
+    """The config section ``node`` (DictConfig or dict) as an instance of the dataclass ``cls``.
+
+    Every field must be in ``node`` unless it has a default (the YAML holds the defaults; a field
+    default only marks an optional section, ``None`` = absent), and every key of ``node`` must be
+    a field, except that a :func:`collect` field takes the keys that are not. Values take the
+    field's type: ``int``, ``float``, ``bool``, ``str``, ``Literal[...]`` (a choice),
+    ``Optional[...]``, ``list``, ``dict`` and nested dataclasses. Errors are :class:`ConfigError`
+    naming the dotted key (``actor.lr``) and, for an unknown key, the nearest valid ones."""
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=True)
+    if node is None:
+        node = {}
+    if not isinstance(node, dict):
+        raise ConfigError(f"config key {key!r} must be a section (a mapping of keys), got {node!r}")
+    dotted = (lambda name: f"{key}.{name}" if key else str(name))
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    collector = next((n for n, f in fields.items() if f.metadata.get("collect")), None)
+    values: dict = {collector: {}} if collector else {}
+    for name, value in node.items():
+        if name in fields and name != collector:
+            values[name] = convert(hints[name], value, dotted(name))
+        elif collector is not None:
+            values[collector][name] = value
+        else:
+            known = [dotted(n) for n in fields if n != collector]
+            raise ConfigError(unknown_key_message(dotted(name), known, "config").replace(
+                " Prefix the key with '+' to add a new one.", ""))
+    for name, f in fields.items():
+        if name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"config key {dotted(name)!r} is missing: set it, or start the config from a "
+                              "recipe's YAML (defaults: [grpo.yaml]), which holds every default")
+    return cls(**values)
+
+
+def convert(tp: Any, value: Any, key: str) -> Any:
+    """``value`` as the type ``tp`` (see :func:`bind`), or a ConfigError naming ``key``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        for option in options[:-1]:
+            try:
+                return convert(option, value, key)
+            except ConfigError:
+                pass
+        return convert(options[-1], value, key)
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        nearest = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        hint = f" Did you mean {nearest[0]!r}?" if nearest else ""
+        raise ConfigError(f"config key {key!r}: {value!r} is not one of {list(args)}.{hint}")
+    if dataclasses.is_dataclass(tp):
+        return bind(tp, value, key)
+    if tp in (list, tuple) or origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r}: {value!r} is not a list")
+        items = [convert(args[0] if args else Any, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if (origin or tp) is tuple else items
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r} is a section (a mapping of keys), got {value!r}")
+        return dict(value)
+    if tp in (bool, int, float, str):
+        if value is None:
+            raise ConfigError(f"config key {key!r} cannot be null (it takes a {tp.__name__})")
+        return _scalar(tp, value, key)
+    raise TypeError(f"bind: config key {key!r} has a field type {tp!r} that bind() does not know")

@@ -58,7 +58,7 @@ from .preference import (  # registers "bradley_terry"
     preference_metrics,
     register_preference_loss,
 )
-from .registry import Registry, RegistryKeyError
+from .registry import Registry, RegistryKeyError, accepted_options
 from .sequence_losses import ctpo_loss, gspo_loss  # registers "gspo", "ctpo" wherever algos is imported
 from .shaping import add_overlong_penalty, groups_with_signal, overlong_penalty
 from .value import entropy_from_logits, value_loss
@@ -67,6 +67,7 @@ __all__ = [
     # registries
     "Registry",
     "RegistryKeyError",
+    "accepted_options",
     "ADVANTAGES",
     "register_advantage",
     "get_advantage",

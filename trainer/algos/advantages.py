@@ -35,8 +35,9 @@ def register_advantage(name: str) -> Callable:
 
 
 def get_advantage(name: str) -> Callable:
-    """The estimator registered as ``name``; unknown names raise with the closest matches."""
-    return ADVANTAGES.get(name)
+    """The estimator registered as ``name``, or named by a ``path/to/file.py:fn`` / ``module:fn`` spec;
+    unknown names raise with the closest matches."""
+    return ADVANTAGES.resolve(name)
 
 
 @register_advantage("gae")

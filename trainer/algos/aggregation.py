@@ -108,5 +108,5 @@ def agg_loss(
         raise ValueError(
             f"agg_loss: loss_mat shape {tuple(loss_mat.shape)} != mask shape {tuple(mask.shape)}"
         )
-    fn = AGG_MODES.get(mode)
+    fn = AGG_MODES.resolve(mode)
     return fn(loss_mat, mask, norm_constant=norm_constant)

@@ -78,7 +78,7 @@ def kl_penalty(
 ) -> torch.Tensor:
     """Per-token KL estimate ``[B, R]`` of kind ``k1 | k2 | k3 | abs`` (aliases ``kl``, ``mse``,
     ``low_var_kl``); see the module doc for the formulas. Differentiable in ``log_prob``."""
-    return KL_PENALTIES.get(kind)(log_prob, ref_log_prob)
+    return KL_PENALTIES.resolve(kind)(log_prob, ref_log_prob)
 
 
 def apply_kl_penalty_to_reward(

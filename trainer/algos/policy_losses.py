@@ -35,8 +35,9 @@ def register_policy_loss(name: str) -> Callable:
 
 
 def get_policy_loss(name: str) -> Callable:
-    """The policy loss registered as ``name``; unknown names raise with the closest matches."""
-    return POLICY_LOSSES.get(name)
+    """The policy loss registered as ``name``, or named by a ``path/to/file.py:fn`` / ``module:fn`` spec;
+    unknown names raise with the closest matches."""
+    return POLICY_LOSSES.resolve(name)
 
 
 @register_policy_loss("ppo")

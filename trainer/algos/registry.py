@@ -12,15 +12,25 @@ closest matches instead of a bare ``KeyError``::
     ADVANTAGES.get("my_adv")      # -> my_adv
     ADVANTAGES.get("my_ad")       # RegistryKeyError: unknown advantage estimator 'my_ad'.
                                   #   Did you mean 'my_adv'? Available: ...
+    ADVANTAGES.resolve("my_file.py:my_adv")   # a function named by file (or module) and name
+    ADVANTAGES.portable("my_adv")             # "/abs/my_file.py:my_adv": resolvable in any process
+
+A config may name a piece by registry name or by spec (``path/to/file.py:fn``, ``module:fn``,
+see :mod:`hybridflow.imports`). Workers are other processes that never ran the controller's script,
+so the controller hands them :meth:`Registry.portable` names: built-in names as they are, a
+function the user registered as the spec of the file or module that defines it.
 """
 from __future__ import annotations
 
 import difflib
+import inspect
 from typing import Callable, Dict, Iterator, List, Optional, TypeVar
+
+from hybridflow.imports import is_spec, load_object, portable_spec
 
 F = TypeVar("F", bound=Callable)
 
-__all__ = ["Registry", "RegistryKeyError"]
+__all__ = ["Registry", "RegistryKeyError", "accepted_options"]
 
 
 class RegistryKeyError(KeyError, ValueError):
@@ -98,6 +108,30 @@ class Registry:
             f"unknown {self.kind} {name!r}.{hint} Available: {', '.join(available) or '(none)'}"
         )
 
+    def resolve(self, name_or_spec: str) -> Callable:
+        """:meth:`get` for a registered name; for a spec (``file.py:fn`` / ``module:fn``) the
+        registered function defined there, else the function loaded from it."""
+        if not is_spec(name_or_spec):
+            return self.get(name_or_spec)
+        for fn in self._entries.values():
+            if portable_spec(fn) == name_or_spec:
+                return fn
+        fn = load_object(name_or_spec, what=self.kind, error=RegistryKeyError)
+        if not callable(fn):
+            raise RegistryKeyError(f"{self.kind} {name_or_spec!r} is a {type(fn).__name__}, not a function")
+        return fn
+
+    def portable(self, name_or_spec: str) -> str:
+        """What a worker process can :meth:`resolve`: a spec or a built-in name as it is (its module
+        registers it on import), a name the user registered as the spec of its definition.
+        A function no other process can load (typed into a REPL) keeps its name."""
+        if is_spec(name_or_spec):
+            return name_or_spec
+        fn = self.get(name_or_spec)
+        if getattr(fn, "__module__", "").startswith("hybridflow."):
+            return name_or_spec
+        return portable_spec(fn) or name_or_spec
+
     def names(self) -> List[str]:
         """Sorted list of registered names."""
         return sorted(self._entries)
@@ -113,6 +147,15 @@ class Registry:
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}, names={self.names()})"
+
+
+def accepted_options(fn: Callable, options: Dict[str, object]) -> Dict[str, object]:
+    """The ``options`` that ``fn`` takes: all of them when it has ``**kwargs``, else those it
+    names (so a user's loss may leave out the clip settings it does not use)."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return dict(options)
+    return {k: v for k, v in options.items() if k in params}
 
 
 def _qualname(fn: Callable) -> str:

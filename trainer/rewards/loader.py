@@ -26,12 +26,11 @@ directory), ``"builtin:<name>"`` (``exact_match``, ``gsm8k``, ``addition``) or a
 """
 from __future__ import annotations
 
-import importlib.util
 import inspect
-import sys
-import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
+
+from hybridflow.imports import load_file
 
 _BATCH_ATTR = "__hybridflow_batch_reward__"
 
@@ -64,33 +63,6 @@ def _builtin(name: str) -> Callable:
         raise RewardError(f"unknown built-in reward 'builtin:{name}'; available: "
                           f"{', '.join('builtin:' + n for n in sorted(BUILTINS))}")
     return BUILTINS[name]
-
-
-def _load_module(path: Path, spec_text: str) -> Any:
-    module_name = f"_hybridflow_reward_{path.stem}_{abs(hash(str(path))):x}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    if spec is None or spec.loader is None:
-        raise RewardError(f"reward function {spec_text!r}: cannot import {path} as a Python module")
-    module = importlib.util.module_from_spec(spec)
-    # Present during execution (dataclasses and friends look the module up); removed afterwards so
-    # that cloudpickle ships the function by value to other processes.
-    sys.modules[module_name] = module
-    try:
-        spec.loader.exec_module(module)
-    except SyntaxError as exc:
-        line = (exc.text or "").rstrip("\n")
-        pointer = " " * max((exc.offset or 1) - 1, 0) + "^" if line else ""
-        raise RewardError(f"reward function {spec_text!r}: syntax error in {path}, line {exc.lineno}: "
-                          f"{exc.msg}\n    {line}\n    {pointer}") from exc
-    except Exception as exc:  # noqa: BLE001 - whatever the file raises at import, report it with its traceback
-        frames = traceback.extract_tb(exc.__traceback__)
-        own = [f for f in frames if Path(f.filename) == path] or frames[-1:]
-        where = "".join(traceback.format_list(own))
-        raise RewardError(f"reward function {spec_text!r}: importing {path} raised "
-                          f"{type(exc).__name__}: {exc}\n{where}") from exc
-    finally:
-        sys.modules.pop(module_name, None)
-    return module
 
 
 def _check_signature(fn: Callable, where: str) -> None:
@@ -130,7 +102,7 @@ def load_reward_function(spec: str | Callable) -> Callable:
         path = Path.cwd() / path
     if not path.is_file():
         raise RewardError(f"reward function {spec!r}: file not found: {path}")
-    module = _load_module(path, spec)
+    module = load_file(path, spec, "reward function", RewardError)
     if not hasattr(module, name):
         defined = sorted(k for k, v in vars(module).items()
                          if callable(v) and not k.startswith("_") and getattr(v, "__module__", None) == module.__name__)
