@@ -6,7 +6,7 @@ SwiGLU MLP, grouped-query attention, RoPE (default rope type only), optional qkv
 untied embeddings. Anything else raises ``ValueError`` naming the unsupported field.
 
 The layer spec is megatron's *local* spec (no Transformer Engine), so the model runs on CPU
-(with :func:`hybridflow.workers.engines.megatron_cpu.apply_cpu_patches`) and on GPU alike.
+(inside :func:`hybridflow.workers.engines.megatron_cpu.cpu_patches`) and on GPU alike.
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+
+from hybridflow.workers.engines.megatron_cpu import on_cpu, scoped_forward
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "model_dims", "layer_range", "make_transformer_config", "build_gpt_model"]
 
@@ -105,24 +107,23 @@ def make_transformer_config(hf_config, *, tp_size: int = 1, pp_size: int = 1,
     return TransformerConfig(**kwargs)
 
 
+@on_cpu
 def build_gpt_model(hf_config, config, *, pre_process: Optional[bool] = None,
                     post_process: Optional[bool] = None, vp_stage: Optional[int] = None):
-    """The ``GPTModel`` chunk of this rank (megatron's parallel_state must be initialised).
-    ``pre_process``/``post_process`` default to "this is the first/last pipeline stage"."""
+    """The ``GPTModel`` chunk of this rank (megatron's parallel_state must be initialised), its
+    forward scoped in the CPU patches. ``pre_process``/``post_process`` default to "this is the
+    first/last pipeline stage"."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from hybridflow.workers.engines.megatron_cpu import apply_cpu_patches
-
-    apply_cpu_patches()
     d = model_dims(hf_config)
     if pre_process is None:
         pre_process = ps.is_pipeline_first_stage(ignore_virtual=True)
     if post_process is None:
         post_process = ps.is_pipeline_last_stage(ignore_virtual=True)
-    return GPTModel(
+    return scoped_forward(GPTModel(
         config=config, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
         vocab_size=d["vocab"], max_sequence_length=d["max_positions"], pre_process=pre_process,
         post_process=post_process, parallel_output=True, share_embeddings_and_output_weights=d["tied"],
-        position_embedding_type="rope", rotary_base=d["rope_theta"], rotary_percent=1.0, vp_stage=vp_stage)
+        position_embedding_type="rope", rotary_base=d["rope_theta"], rotary_percent=1.0, vp_stage=vp_stage))

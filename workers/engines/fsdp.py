@@ -41,9 +41,10 @@ from .ops import lr_factor, partition_micro_batches, token_log_probs
 
 __all__ = ["FSDPEngine", "FSDPEngineConfig"]
 
-# FSDP2 warns when a root module returns a view (HF heads do, e.g. the 1-column value head);
-# the warning is about in-place ops on that output, which this engine never does.
-warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+# FSDP2 warns when a root module returns a view (HF heads do, e.g. the 1-column value head); the
+# warning is about in-place ops on that output, which this engine never does. Silenced around the
+# engine's own model calls only (no process-wide filter).
+_VIEW_WARNING = r"FSDP2-wrapped module .* returned a view tensor"
 
 
 @dataclasses.dataclass
@@ -190,6 +191,11 @@ class FSDPEngine(TrainEngine):
         """Outputs of one micro-batch (with grad if enabled). Leading/trailing columns without any
         real token are cut off before the model call; outputs are zero-padded back and are 0
         where ``attention_mask`` is 0."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_VIEW_WARNING)
+            return self._compute_outputs(mb, temperature, with_entropy)
+
+    def _compute_outputs(self, mb: TensorDict, temperature: float, with_entropy: bool) -> TensorDict:
         attn = mb["attention_mask"]
         pos = mb["position_ids"] if "position_ids" in mb.keys() else _position_ids(attn)
         if self.config.remove_padding:

@@ -20,7 +20,7 @@ Loss weighting follows :meth:`TrainEngine.train_batch`: micro-batch ``mb`` contr
 ``loss · D · size(mb) / size(global batch)``; megatron's schedule divides each micro-batch loss
 by the number of micro-batches and DDP averages over ``D``, both compensated here.
 
-CPU: with no CUDA device :func:`~.megatron_cpu.apply_cpu_patches` is applied (gloo; fp32/bf16).
+CPU: with no CUDA device every entry point runs inside :func:`~.megatron_cpu.cpu_patches` (gloo; fp32/bf16).
 Generation (hf rollout) uses :meth:`generation_state_dict` — the naive full gather into HF
 names, loaded into an HF module for the duration of the rollout (:meth:`generation_context`).
 """
@@ -39,7 +39,7 @@ from tensordict import TensorDict
 from hybridflow.worker import init_distributed
 
 from .base import EngineConfig, LossFn, TrainEngine, micro_batch_sizes
-from .megatron_cpu import apply_cpu_patches
+from .megatron_cpu import on_cpu
 from .megatron_ops import ValueHead, padded_causal_mask, vocab_parallel_log_probs
 from .ops import lr_factor, partition_micro_batches
 
@@ -81,6 +81,7 @@ class MegatronEngineConfig(EngineConfig):
                              "with Transformer Engine's THD attention); set remove_padding=false for this role")
 
 
+@on_cpu
 def init_megatron_parallel(tp: int, pp: int) -> Tuple[int, int]:
     """Initialise (or reuse) megatron's parallel state with ``tp × pp`` on the default process group;
     returns ``(rank, world_size)``. Raises if it already exists with another layout (colocated
@@ -88,7 +89,6 @@ def init_megatron_parallel(tp: int, pp: int) -> Tuple[int, int]:
     from megatron.core import parallel_state as ps
 
     rank, world = init_distributed(timeout_s=1800)
-    apply_cpu_patches()
     if world % (tp * pp):
         raise ValueError(f"megatron: world size {world} is not divisible by tp*pp = {tp}*{pp} "
                          "(actor.megatron.tp / actor.megatron.pp)")
@@ -119,6 +119,7 @@ class MegatronEngine(TrainEngine):
     :class:`MegatronEngineConfig`. A model with ``lr == 0`` (reference, reward model) gets no
     DDP wrapper or optimizer (``train_batch`` then raises)."""
 
+    @on_cpu
     def __init__(self, config=None, **overrides):
         from megatron.core import parallel_state as ps
         from transformers import AutoConfig
@@ -245,6 +246,7 @@ class MegatronEngine(TrainEngine):
                                           min_lr_ratio=self.config.min_lr_ratio)
 
     # ------------------------------------------------------------------ generation
+    @on_cpu
     def generation_state_dict(self) -> Dict[str, torch.Tensor]:
         """The full model in HF names on every rank (naive all-gather over TP × PP; the
         3D-HybridEngine replaces this with micro-DP resharding)."""
@@ -268,6 +270,7 @@ class MegatronEngine(TrainEngine):
                 self._release(module)
                 state.clear()
 
+    @on_cpu
     def iter_hf_weights(self) -> Iterator[Tuple[str, torch.Tensor]]:
         """``(hf_name, tensor)`` of the full model, one at a time, for a rollout engine that holds
         its own weights (vLLM's weight sync); collective over all ranks. With tied embeddings
@@ -278,6 +281,7 @@ class MegatronEngine(TrainEngine):
             yield from state.items()
 
     @contextlib.contextmanager
+    @on_cpu
     def _generation_weights(self):
         if self.config.reshard == "naive":
             yield self.generation_state_dict()
@@ -375,6 +379,7 @@ class MegatronEngine(TrainEngine):
             seq_length=max_len, micro_batch_size=max_rows, forward_only=forward_only)
 
     # ------------------------------------------------------------------ public compute
+    @on_cpu
     def forward(self, batch: TensorDict, *, temperature: float = 1.0, with_entropy: bool = False) -> TensorDict:
         self._check_batch(batch)
         groups = self._partition(batch, train=False)
@@ -402,6 +407,7 @@ class MegatronEngine(TrainEngine):
                     result[k][torch.tensor(index)] = outputs[k]
         return TensorDict(result, batch_size=[n])
 
+    @on_cpu
     def train_batch(self, batch: TensorDict, loss_fn: LossFn, *, temperature: float = 1.0,
                     with_entropy: bool = False, loss_weighting: str = "auto") -> Dict[str, float]:
         from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
@@ -462,6 +468,7 @@ class MegatronEngine(TrainEngine):
     def _ckpt_file(self, path: str) -> str:
         return os.path.join(path, f"mp_pp{self.pp_rank}_tp{self.tp_rank}_dp{self.dp_rank}.pt")
 
+    @on_cpu
     def save_checkpoint(self, path: str) -> None:
         """One file per rank: model chunk, optimizer state, ``global_step`` (restorable only into
         the same tp/pp/dp layout; use :meth:`export_hf` to change layouts)."""
@@ -476,6 +483,7 @@ class MegatronEngine(TrainEngine):
         torch.save(state, self._ckpt_file(path))
         dist.barrier()
 
+    @on_cpu
     def load_checkpoint(self, path: str) -> None:
         file = self._ckpt_file(path)
         if not os.path.isfile(file):
@@ -495,6 +503,7 @@ class MegatronEngine(TrainEngine):
                         p.copy_(saved)
         self.global_step = int(state["global_step"])
 
+    @on_cpu
     def export_hf(self, path: str, dtype: Optional[torch.dtype] = None) -> None:
         """Full HF checkpoint (safetensors + config + tokenizer) at ``path``, written by global
         rank 0; every rank must call. Value models are written as

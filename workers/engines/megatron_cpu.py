@@ -1,9 +1,16 @@
 """Run megatron-core on a machine without CUDA (gloo process groups, CPU tensors).
 
-megatron-core 0.16 assumes a CUDA device in a handful of places. :func:`apply_cpu_patches`
-patches them from the outside (never editing site-packages), idempotently, and only when
-``torch.cuda.is_available()`` is False — on a GPU machine it does nothing. Call it before
-building any megatron model or optimizer (the megatron engine and the conversion helpers do).
+megatron-core 0.16 assumes a CUDA device in a handful of places. :func:`cpu_patches` patches
+them from the outside (never editing site-packages) for the duration of a ``with`` block, only
+when ``torch.cuda.is_available()`` is False — on a GPU machine it does nothing. It is re-entrant
+(nested blocks share one installation) and restores every patched attribute when the outermost
+block exits, so code outside megatron calls never sees a patched torch. The megatron engine, the
+hybrid engine's megatron side and the conversion helpers wrap their entry points with
+:func:`on_cpu`, and the ``GPTModel``s they build run their ``forward`` inside the block
+(:func:`scoped_forward`); other code that calls megatron itself opens the block::
+
+    with cpu_patches():
+        ...  # megatron-core calls
 
 What is patched, and why each is safe on CPU:
 
@@ -30,16 +37,19 @@ Transformer Engine layer specs, fused kernels, ``enable_autocast``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
+import inspect
 import sys
 import types
+from typing import Any, Callable, Iterator
 
 import torch
 
-__all__ = ["apply_cpu_patches", "cpu_patches_active"]
+__all__ = ["cpu_patches", "cpu_patches_active", "on_cpu", "scoped_forward"]
 
-_APPLIED = False
-
+_DEPTH = 0          # open cpu_patches() blocks
+_RESTORE: list = []  # (owner, attribute, original value) of the installed patches, in install order
 #: modules whose ``torch.<factory>(..., device="cuda")`` calls are redirected to CPU
 _FACTORY_MODULES = (
     "megatron.core.pipeline_parallel.schedules",
@@ -60,8 +70,8 @@ _CUDA_TYPE_NAMES = {torch.float32: "torch.cuda.FloatTensor", torch.float16: "tor
 
 
 def cpu_patches_active() -> bool:
-    """True once :func:`apply_cpu_patches` has patched megatron (never on a CUDA machine)."""
-    return _APPLIED
+    """True inside a :func:`cpu_patches` block on a machine without CUDA."""
+    return _DEPTH > 0 and bool(_RESTORE)
 
 
 def _from_megatron(depth: int = 2) -> bool:
@@ -97,15 +107,60 @@ class _TorchOnCPU(types.ModuleType):
         return value
 
 
-def apply_cpu_patches() -> bool:
-    """Make megatron-core run on CPU (see the module docstring). Idempotent; a no-op returning
-    False when CUDA is available; returns True when the patches are (now) active."""
-    global _APPLIED
+@contextlib.contextmanager
+def cpu_patches() -> Iterator[bool]:
+    """Megatron runs on CPU inside this block (see the module docstring); yields whether the patches
+    are active (False on a CUDA machine)."""
+    global _DEPTH
     if torch.cuda.is_available():
-        return False
-    if _APPLIED:
-        return True
+        yield False
+        return
+    if _DEPTH == 0:
+        _install()
+    _DEPTH += 1
+    try:
+        yield True
+    finally:
+        _DEPTH -= 1
+        if _DEPTH == 0:
+            _uninstall()
 
+
+def on_cpu(fn: Callable) -> Callable:
+    """Run ``fn`` (a function, method or generator function) inside :func:`cpu_patches`."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def generator(*args, **kwargs):
+            with cpu_patches():
+                yield from fn(*args, **kwargs)
+        return generator
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with cpu_patches():
+            return fn(*args, **kwargs)
+    return call
+
+
+def scoped_forward(model: Any) -> Any:
+    """``model`` (a megatron module this package built) with its ``forward`` inside :func:`cpu_patches`,
+    so a caller may run it directly; returns the model."""
+    model.forward = on_cpu(model.forward)
+    return model
+
+
+def _patch(owner: Any, name: str, value: Any) -> None:
+    _RESTORE.append((owner, name, getattr(owner, name)))
+    setattr(owner, name, value)
+
+
+def _uninstall() -> None:
+    while _RESTORE:
+        owner, name, value = _RESTORE.pop()
+        setattr(owner, name, value)
+
+
+def _install() -> None:
     # 1. torch.cuda.current_device() -> cpu, for megatron callers only
     original_current_device = torch.cuda.current_device
 
@@ -114,7 +169,7 @@ def apply_cpu_patches() -> bool:
             return torch.device("cpu")
         return original_current_device()
 
-    torch.cuda.current_device = current_device
+    _patch(torch.cuda, "current_device", current_device)
 
     # 2. no CUDA RNG state to fork (dropout is 0 and weights come from a checkpoint)
     from megatron.core.tensor_parallel import random as tp_random
@@ -122,14 +177,14 @@ def apply_cpu_patches() -> bool:
     def _null_fork(self, name=tp_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
         return contextlib.nullcontext()
 
-    tp_random.CudaRNGStatesTracker.fork = _null_fork
+    _patch(tp_random.CudaRNGStatesTracker, "fork", _null_fork)
 
     # 3. device="cuda" factories in selected modules
     proxy = _TorchOnCPU()
     for name in _FACTORY_MODULES:
         module = importlib.import_module(name)
         if getattr(module, "torch", None) is torch:
-            module.torch = proxy
+            _patch(module, "torch", proxy)
 
     # 4. Tensor.type() reads as the CUDA type name for megatron's dtype checks
     original_type = torch.Tensor.type
@@ -141,7 +196,7 @@ def apply_cpu_patches() -> bool:
             return original_type(self)
         return original_type(self, dtype, non_blocking, **kwargs)
 
-    torch.Tensor.type = tensor_type
+    _patch(torch.Tensor, "type", tensor_type)
 
     # 5. Tensor.cuda() from megatron is the identity
     original_cuda = torch.Tensor.cuda
@@ -151,7 +206,7 @@ def apply_cpu_patches() -> bool:
             return self
         return original_cuda(self, *args, **kwargs)
 
-    torch.Tensor.cuda = tensor_cuda
+    _patch(torch.Tensor, "cuda", tensor_cuda)
 
     # 6. nothing to synchronise on CPU
     original_synchronize = torch.cuda.synchronize
@@ -161,6 +216,4 @@ def apply_cpu_patches() -> bool:
             return None
         return original_synchronize(device)
 
-    torch.cuda.synchronize = synchronize
-    _APPLIED = True
-    return True
+    _patch(torch.cuda, "synchronize", synchronize)

@@ -24,6 +24,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from ..engines.megatron_cpu import on_cpu, scoped_forward
 from .groups import Layout
 from .reshard import MicroDPReshard, ShardSpec
 
@@ -75,6 +76,7 @@ def generation_groups(layout: Layout, timeout: float = 300.0) -> Tuple[dist.Proc
     return mine, solo
 
 
+@on_cpu
 def build_generation_model(hf_config, layout: Layout, tp_group, solo_group, dtype=torch.float32):
     """A GPTModel of ``hf_config`` with tensor-parallel size ``layout.tg`` on ``tp_group`` and no
     pipeline, its parameters empty (fill them with :func:`attach`). Logits are gathered over the
@@ -84,9 +86,6 @@ def build_generation_model(hf_config, layout: Layout, tp_group, solo_group, dtyp
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     from hybridflow.workers.convert import make_transformer_config, model_dims
-    from hybridflow.workers.engines.megatron_cpu import apply_cpu_patches
-
-    apply_cpu_patches()
     if tp_group.size() != layout.tg:
         raise ValueError(f"hybrid engine: generation TP group has {tp_group.size()} ranks, layout tg={layout.tg}")
     d = model_dims(hf_config)
@@ -102,7 +101,7 @@ def build_generation_model(hf_config, layout: Layout, tp_group, solo_group, dtyp
                      position_embedding_type="rope", rotary_base=d["rope_theta"], rotary_percent=1.0,
                      pg_collection=pgs)
     detach(model)
-    return model.eval()
+    return scoped_forward(model).eval()
 
 
 def attach(model, gen_state: Dict[str, torch.Tensor]) -> None:
@@ -128,6 +127,7 @@ def detach(model) -> None:
 
 
 @torch.no_grad()
+@on_cpu
 def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
     """Greedy continuation of equal-length prompts ``[B, P]`` (no padding, no KV cache: one full
     forward per token; for tests and small benchmarks). Every rank of the generation TP group
@@ -208,6 +208,7 @@ class MegatronReshard:
     Collective over the whole world (every rank of every MP group enters together). Construction
     creates the micro-DP process groups (collective too)."""
 
+    @on_cpu
     def __init__(self, chunk, tg: int = 1, bucket_bytes: Optional[int] = None):
         from megatron.core import parallel_state as ps
 
@@ -218,6 +219,7 @@ class MegatronReshard:
         self.resharder = MicroDPReshard(self.layout, **kwargs)
 
     @contextlib.contextmanager
+    @on_cpu
     def generation(self):
         """The generation shard for the body (see :meth:`MicroDPReshard.to_generation`); the
         training weights are back, and the generation buffers released, after it."""

@@ -81,13 +81,12 @@ def grouped_attention(module, query, key, value, attention_mask, scaling=None, d
     return out.reshape(b, h, q, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
-def _register_attention() -> None:
+def register_attention() -> None:
+    """Make ``grouped_attention`` known to transformers as ``ATTENTION`` (done by the first
+    :class:`StaticRollout`, not at import: importing this module changes nothing global)."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTENTION, grouped_attention)
-
-
-_register_attention()
 
 
 class StaticKVCache:
@@ -232,6 +231,7 @@ class StaticRollout(Rollout):
         self.gather_weights = weights == "copy"
         self._copy: Optional[torch.nn.Module] = None
         _check_supported(module)
+        register_attention()
 
     # ------------------------------------------------------------------ weights
     def _decode_module(self) -> torch.nn.Module:
@@ -388,15 +388,11 @@ def _check_supported(module: torch.nn.Module) -> None:
                          "use rollout.backend=hf")
 
 
-def from_engine(engine, rollout_cfg: dict, config=None) -> StaticRollout:
-    """``rollout.backend=static`` on the engine's module; ``rollout.static.{cuda_graph, sync_every,
-    weights}`` from the config, the copy's dtype is the engine's compute dtype."""
-    opts = dict(rollout_cfg.get("static") or {})
-    unknown = set(opts) - {"cuda_graph", "sync_every", "weights"}
-    if unknown:
-        raise ValueError(f"unknown key(s) rollout.static.{sorted(unknown)}; known: cuda_graph, sync_every, weights")
+def from_engine(engine, rollout, seed: int = 0) -> StaticRollout:
+    """``rollout.backend=static`` on the engine's module with ``rollout.static.{cuda_graph,
+    sync_every, weights}``; the copy's dtype is the engine's compute dtype."""
+    opts = rollout.static
     engine_cfg = getattr(engine, "config", None)
     dtype = engine_cfg.torch_dtype(engine.device) if hasattr(engine_cfg, "torch_dtype") else None
-    return StaticRollout(engine.module, engine.tokenizer, engine.device, cuda_graph=bool(opts.get("cuda_graph", True)),
-                         sync_every=int(opts.get("sync_every", 8)), weights=str(opts.get("weights", "auto")),
-                         dtype=dtype)
+    return StaticRollout(engine.module, engine.tokenizer, engine.device, cuda_graph=opts.cuda_graph,
+                         sync_every=opts.sync_every, weights=opts.weights, dtype=dtype)
