@@ -11,7 +11,7 @@ exactly that long), ``warmup_steps`` untimed and ``steps`` timed RL steps; every
 recipe key (recipes/base.yaml + grpo.yaml or ppo.yaml) and overrides the recipe's default.
 
 A step makes the calls of recipes/grpo.py (recipes/ppo.py with ``--algo ppo``) on the groups of
-trainer/build.py ``build_workers``: generate, compute_rewards, compute_log_prob,
+``hybridflow.workers.build_workers``: generate, compute_rewards, compute_log_prob,
 compute_ref_log_prob, [compute_values], compute_advantages, [critic update], actor update.
 
 Reported (means over the timed steps): seconds per stage and per step; ``tokens_per_s`` = prompt +
@@ -196,7 +196,8 @@ def stage(timer, name: str, sync: bool):
 
 
 def rl_step(groups: dict, batch: DataProto, cfg, algo: str, timer, kl_ctrl, sync: bool) -> DataProto:
-    """The loop body of recipes/grpo.py (recipes/ppo.py for ``ppo``), stage by stage."""
+    """The loop body of recipes/grpo.py (recipes/ppo.py for ``ppo``), stage by stage; ``cfg``: the
+    run's ``algorithm`` settings."""
     from hybridflow.trainer.rl import compute_advantages
 
     actor, ref, reward, critic = groups["actor"], groups["ref"], groups["reward"], groups.get("critic")
@@ -212,7 +213,7 @@ def rl_step(groups: dict, batch: DataProto, cfg, algo: str, timer, kl_ctrl, sync
         with stage(timer, "values", sync):
             batch.union(critic.compute_values(batch))
     with stage(timer, "adv", sync):
-        compute_advantages(batch, cfg.algorithm, kl_ctrl)
+        compute_advantages(batch, cfg, kl_ctrl)
     if algo == "ppo":
         with stage(timer, "update_critic", sync):
             critic.update(batch)
@@ -284,8 +285,9 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark, print the table, write ``--out``; returns the JSON-able report."""
     from hybridflow.trainer.algos import make_kl_controller
-    from hybridflow.trainer.build import build_workers
     from hybridflow.trainer.metrics import Timer, compute_throughput
+    from hybridflow.trainer.settings import rl_settings
+    from hybridflow.workers import build_workers
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args, overrides = parse_args(argv)
@@ -311,7 +313,8 @@ def main(argv: list[str] | None = None) -> dict:
 
         ray_was_running = ray.is_initialized()
     setup_start = time.perf_counter()
-    built = build_workers(cfg, *roles, "probe", classes={"probe": ProbeWorker})
+    settings = rl_settings(cfg, check_data=False)  # the prompts are random ids (make_prompts)
+    built = build_workers(settings, *roles, "probe", classes={"probe": ProbeWorker})
     groups = dict(zip(roles + ("probe",), built))
     setup_s = time.perf_counter() - setup_start
     probe = groups["probe"]
@@ -323,7 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
             if step == warmup + 1:
                 probe.reset_peak_memory()
             with timer("step"):
-                batch = rl_step(groups, make_prompts(cfg, step), cfg, args.algo, timer, kl_ctrl, sync)
+                batch = rl_step(groups, make_prompts(cfg, step), settings.algorithm, args.algo, timer, kl_ctrl, sync)
             timing = timer.step_metrics()
             if step <= warmup:
                 continue

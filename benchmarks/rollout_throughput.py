@@ -65,13 +65,12 @@ def _sync() -> None:
 class Bench:
     """One backend: its rollout, its timings, its last output."""
 
-    def __init__(self, name: str, engine, cfg):
-        from hybridflow.workers.roles.common import section
+    def __init__(self, name: str, engine, settings):
         from hybridflow.workers.rollout import build_rollout
 
         self.name, self.times, self.out, self.peak_gb = name, [], None, 0.0
         start = time.perf_counter()
-        self.rollout = build_rollout(name, engine, section(cfg, "rollout"), cfg)
+        self.rollout = build_rollout(name, engine, settings.rollout, settings.seed)
         self.rollout.sync_weights(engine)
         self.rollout.sleep()
         self.setup_s = time.perf_counter() - start
@@ -165,7 +164,8 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark, print the table, write ``--out``; returns the JSON-able report."""
-    from hybridflow.workers.roles.common import build_engine, section
+    from hybridflow.trainer.settings import rl_settings
+    from hybridflow.workers.roles.common import build_engine
     from hybridflow.workers.rollout import ROLLOUT_BACKENDS
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows, length, new = int(cfg.data.batch_size), int(cfg.prompt_length), int(cfg.response_length)
     cfg = apply_overrides(cfg, [f"model.path={run_dir / 'ckpt'}", f"rollout.max_new_tokens={new}",
                                 "rollout.ignore_eos=true", f"data.max_prompt_length={length}"])
-    engine = build_engine(str(run_dir / "ckpt"), section(cfg, "actor"), seed=int(cfg.seed))
+    settings = rl_settings(cfg, check_data=False)  # the prompts are random ids
+    engine = build_engine(str(run_dir / "ckpt"), settings.actor, seed=settings.seed)
     prompts = make_prompts(rows, length, int(cfg.shape.vocab_size), int(cfg.seed))
     opts = {k: cfg.rollout[k] for k in SAMPLING}
     opts.update(n=int(cfg.rollout.n), max_new_tokens=new, ignore_eos=True, seed=int(cfg.seed))
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     benches = []
     if args.sequential:
         for name in names:
-            bench = Bench(name, engine, cfg)
+            bench = Bench(name, engine, settings)
             for i in range(warmup + reps):
                 bench.call(prompts, opts, timed=i >= warmup)
             bench.rollout = None  # free its memory before the next backend
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
                 torch.cuda.empty_cache()
             benches.append(bench)
     else:
-        benches = [Bench(name, engine, cfg) for name in names]
+        benches = [Bench(name, engine, settings) for name in names]
         for i in range(warmup + reps):
             for bench in benches:
                 bench.call(prompts, opts, timed=i >= warmup)

@@ -35,18 +35,23 @@ from hybridflow.trainer.tracking import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The zoo, in one place: label → (script relative to the repository, extra overrides, plotted
+def variant(name: str) -> tuple:
+    """A config of the GRPO dataflow: recipes/grpo.py with recipes/<name>.yaml (``hybridflow <name>``)."""
+    return "recipes/grpo.py", ["--config", f"{ROOT}/recipes/{name}.yaml"], "reward/mean"
+
+
+# The zoo, in one place: label → (script relative to the repository, extra arguments, plotted
 # metric[, setup]). ``setup(runs_dir, common_overrides) -> more overrides`` prepares what the recipe
 # needs first (a reward model). A script that does not exist (yet) is skipped with a note.
 ZOO = {
     "grpo": ("recipes/grpo.py", [], "reward/mean"),
     "ppo": ("recipes/ppo.py", [], "reward/mean"),
-    "rloo": ("recipes/rloo.py", [], "reward/mean"),
-    "reinforce_pp": ("recipes/reinforce_pp.py", [], "reward/mean"),
+    "rloo": variant("rloo"),
+    "reinforce_pp": variant("reinforce_pp"),
     "remax": ("recipes/remax.py", [], "reward/mean"),
-    "dr_grpo": ("recipes/dr_grpo.py", [], "reward/mean"),
-    "gspo": ("recipes/gspo.py", [], "reward/mean"),
-    "ctpo": ("recipes/ctpo.py", [], "reward/mean"),
+    "dr_grpo": variant("dr_grpo"),
+    "gspo": variant("gspo"),
+    "ctpo": variant("ctpo"),
     "dapo": ("recipes/dapo.py", [], "dapo/gen_score/mean"),
     "safe_rlhf": ("recipes/safe_rlhf.py", [], "reward/mean"),
     "ppo_rm": ("recipes/ppo.py", ["--config", f"{ROOT}/recipes/ppo_rm.yaml",

@@ -17,10 +17,9 @@ import torch
 
 from hybridflow.config import parse_cli
 from hybridflow.trainer.algos import agg_loss, masked_mean, register_advantage, register_policy_loss
-from hybridflow.trainer.build import build_workers
-from hybridflow.trainer.rl import compute_advantages
+from hybridflow.trainer.rl import compute_advantages, sample_and_score
 from hybridflow.trainer.run import RLRun
-from hybridflow.workers.roles.actor import ActorWorker
+from hybridflow.workers import build_workers
 
 
 @register_advantage("passk")
@@ -64,36 +63,22 @@ def cispo_loss(old_log_prob, log_prob, advantages, response_mask, *, loss_agg_mo
     return loss, {"actor/pg_clipfrac": masked_mean(clipped, response_mask).detach()}
 
 
-class PassKActor(ActorWorker):
-    """The built-in actor, with the loss registered in its own process (a Ray worker never runs this script)."""
-
-    def __init__(self, config):
-        register_policy_loss("cispo")(cispo_loss)  # a no-op where this script registered it already
-        super().__init__(config)
-
-
 def main(argv=None):
     cfg = parse_cli(sys.argv[1:] if argv is None else argv, os.path.join(os.path.dirname(__file__), "passk_grpo.yaml"))
-    run = RLRun(cfg)                                   # config checks, data, run dir, trackers
-    actor, ref, reward = build_workers(cfg, "actor", "ref", "reward", classes={"actor": PassKActor})
+    run = RLRun(cfg)                                   # typed settings (checked), data, run dir, trackers
+    actor, ref, reward = build_workers(run.settings, "actor", "ref", "reward")
     run.attach(actor=actor, ref=ref, reward=reward)    # resume=auto restores weights, data order, step
 
-    for batch in run.batches():
-        with run.stage("gen"):
-            batch = actor.generate(batch)              # n samples per prompt, uids shared per prompt
-        with run.stage("reward"):
-            batch.union(reward.compute_rewards(batch))
-        with run.stage("old_log_prob"):
-            batch.union(actor.compute_log_prob(batch))
-        with run.stage("ref"):
+    for step in run.steps():                           # data.batch_size prompts each, uids shared per prompt
+        batch = sample_and_score(step, actor, reward)  # stages gen, reward, old_log_prob
+        with step.stage("ref"):
             batch.union(ref.compute_ref_log_prob(batch))
-        with run.stage("adv"):
-            adv_metrics = compute_advantages(batch, cfg.algorithm, run.kl_ctrl)  # "passk", k = algorithm.pass_k
-        with run.stage("update_actor"):
+        with step.stage("adv"):
+            adv_metrics = compute_advantages(batch, run.settings.algorithm, run.kl_ctrl)  # "passk", k = algorithm.pass_k
+        with step.stage("update_actor"):
             update = actor.update(batch)               # "cispo" + KL to the reference
-        run.end_step(batch, adv_metrics, update)
-    run.finish()
-    return run
+        step.log(batch, adv_metrics, update)
+    return run.finish()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ from hybridflow.futures import resolve_arg
 from hybridflow.protocol import PAD_KEY, DataProto
 
 DEFAULT_COLLECTIVE_TIMEOUT_S = float(os.environ.get("HYBRIDFLOW_COLLECTIVE_TIMEOUT_S", 600))
+# Set ("1") in the environment of a process that an executor started to host workers (a Ray rank),
+# so controller code that such a process runs by accident (a user's script imported there) can refuse.
+WORKER_PROCESS_ENV = "HYBRIDFLOW_WORKER_PROCESS"
 
 
 class Worker:

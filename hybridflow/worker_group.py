@@ -96,6 +96,10 @@ class Role:
     def __init__(self, cls: type, *args: Any, **kwargs: Any):
         self.cls, self.args, self.kwargs = cls, args, kwargs
 
+    def instantiate(self) -> Any:
+        """The worker itself, in this process (what an executor does on each rank; for tests)."""
+        return self.cls(*self.args, **self.kwargs)
+
 
 @dataclass
 class Collector:

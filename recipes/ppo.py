@@ -13,37 +13,31 @@ import os
 import sys
 
 from hybridflow.config import parse_cli
-from hybridflow.trainer.build import build_workers
-from hybridflow.trainer.rl import compute_advantages
+from hybridflow.trainer.rl import compute_advantages, sample_and_score
 from hybridflow.trainer.run import RLRun
+from hybridflow.workers import build_workers
 
 
 def main(argv=None):
     cfg = parse_cli(sys.argv[1:] if argv is None else argv, os.path.join(os.path.dirname(__file__), "ppo.yaml"))
     run = RLRun(cfg)
-    actor, ref, critic, reward = build_workers(cfg, "actor", "ref", "critic", "reward")
+    actor, ref, critic, reward = build_workers(run.settings, "actor", "ref", "critic", "reward")
     run.attach(actor=actor, ref=ref, critic=critic, reward=reward)
 
-    for batch in run.batches():
-        with run.stage("gen"):
-            batch = actor.generate(batch)
-        with run.stage("reward"):
-            batch.union(reward.compute_rewards(batch))
-        with run.stage("old_log_prob"):
-            batch.union(actor.compute_log_prob(batch))
-        with run.stage("ref"):
+    for step in run.steps():
+        batch = sample_and_score(step, actor, reward)   # stages gen, reward, old_log_prob
+        with step.stage("ref"):
             batch.union(ref.compute_ref_log_prob(batch))
-        with run.stage("values"):
+        with step.stage("values"):
             batch.union(critic.compute_values(batch))
-        with run.stage("adv"):
-            adv_metrics = compute_advantages(batch, cfg.algorithm, run.kl_ctrl)  # KL-penalised reward, GAE
-        with run.stage("update_critic"):
+        with step.stage("adv"):                         # the KL-penalised reward, then GAE
+            adv_metrics = compute_advantages(batch, run.settings.algorithm, run.kl_ctrl)
+        with step.stage("update_critic"):
             critic_update = critic.update(batch)
-        with run.stage("update_actor"):
+        with step.stage("update_actor"):
             actor_update = actor.update(batch)
-        run.end_step(batch, adv_metrics, critic_update, actor_update)
-    run.finish()
-    return run
+        step.log(batch, adv_metrics, critic_update, actor_update)
+    return run.finish()
 
 
 if __name__ == "__main__":

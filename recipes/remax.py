@@ -17,40 +17,35 @@ import sys
 import torch
 
 from hybridflow.config import parse_cli
-from hybridflow.trainer.build import build_workers
-from hybridflow.trainer.rl import compute_advantages
+from hybridflow.trainer.rl import compute_advantages, sample_and_score
 from hybridflow.trainer.run import RLRun
+from hybridflow.workers import build_workers
 
 
 def main(argv=None):
     cfg = parse_cli(sys.argv[1:] if argv is None else argv, os.path.join(os.path.dirname(__file__), "remax.yaml"))
     run = RLRun(cfg)
-    actor, ref, reward = build_workers(cfg, "actor", "ref", "reward")
+    actor, ref, reward = build_workers(run.settings, "actor", "ref", "reward")
     run.attach(actor=actor, ref=ref, reward=reward)
 
-    for batch in run.batches():
-        with run.stage("gen_greedy"):
-            greedy = batch.copy()
+    for step in run.steps():
+        with step.stage("gen_greedy"):
+            greedy = step.prompts.copy()
             greedy.meta_info.update(n=1, do_sample=False)  # per-call sampling override
             greedy = actor.generate(greedy)
-        with run.stage("gen"):
-            batch = actor.generate(batch)
-        with run.stage("reward"):
-            batch.union(reward.compute_rewards(batch))
+        batch = sample_and_score(step, actor, reward)      # stages gen, reward, old_log_prob
+        with step.stage("reward"):                         # the baseline: b_x = reward of the greedy answer
             greedy_scores = reward.compute_rewards(greedy).batch["token_level_scores"].sum(-1)
             by_prompt = dict(zip(greedy.non_tensor_batch["uid"], greedy_scores.tolist()))
             baseline = torch.tensor([by_prompt[uid] for uid in batch.non_tensor_batch["uid"]])  # [B]
-        with run.stage("old_log_prob"):
-            batch.union(actor.compute_log_prob(batch))
-        with run.stage("ref"):
+        with step.stage("ref"):
             batch.union(ref.compute_ref_log_prob(batch))
-        with run.stage("adv"):
-            adv_metrics = compute_advantages(batch, cfg.algorithm, run.kl_ctrl, baseline_scores=baseline)
-        with run.stage("update_actor"):
+        with step.stage("adv"):
+            adv_metrics = compute_advantages(batch, run.settings.algorithm, run.kl_ctrl, baseline_scores=baseline)
+        with step.stage("update_actor"):
             update = actor.update(batch)
-        run.end_step(batch, adv_metrics, {"remax/greedy_reward/mean": greedy_scores.mean()}, update)
-    run.finish()
-    return run
+        step.log(batch, adv_metrics, {"remax/greedy_reward/mean": greedy_scores.mean()}, update)
+    return run.finish()
 
 
 if __name__ == "__main__":

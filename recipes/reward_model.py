@@ -14,33 +14,34 @@ import sys
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from hybridflow.config import parse_cli, require_choice
-from hybridflow.trainer.algos import PREFERENCE_LOSSES, get_preference_loss
-from hybridflow.trainer.build import build_workers
+from hybridflow.config import parse_cli
+from hybridflow.trainer.algos import get_preference_loss
 from hybridflow.trainer.data import PairDataset, PromptLoader
 from hybridflow.trainer.metrics import reduce_metrics
+from hybridflow.trainer.settings import reward_model_settings
 from hybridflow.trainer.tracking import Tracker
+from hybridflow.workers import build_workers
 
 
 def main(argv=None):
     cfg = parse_cli(sys.argv[1:] if argv is None else argv, os.path.join(os.path.dirname(__file__), "reward_model.yaml"))
-    require_choice(cfg, "rm.loss", PREFERENCE_LOSSES.names())
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
-    keys = dict(prompt_key=cfg.data.prompt_key, chosen_key=cfg.data.chosen_key, rejected_key=cfg.data.rejected_key,
-                max_length=int(cfg.data.max_length))
-    train = PairDataset(cfg.data.train, tokenizer, **keys)
-    val = PairDataset(cfg.data.val, tokenizer, **keys) if cfg.data.get("val") else None
-    loader = PromptLoader(train, int(cfg.data.batch_size), seed=int(cfg.seed), total_steps=int(cfg.trainer.steps))
-    (rm,) = build_workers(cfg, "reward_model")
-    tracker = Tracker(cfg.trainer.run_dir, backends=list(cfg.trainer.trackers), config=cfg)
+    s = reward_model_settings(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(s.model.path)
+    keys = dict(prompt_key=s.data.prompt_key, chosen_key=s.data.chosen_key, rejected_key=s.data.rejected_key,
+                max_length=s.data.max_length)
+    train = PairDataset(s.data.train, tokenizer, **keys)
+    val = PairDataset(s.data.val, tokenizer, **keys) if s.data.val else None
+    loader = PromptLoader(train, s.data.batch_size, seed=s.seed, total_steps=s.trainer.steps)
+    (rm,) = build_workers(s, "reward_model")
+    tracker = Tracker(s.trainer.run_dir, backends=s.trainer.trackers, config=cfg)
 
     def validate():  # the preference loss and its metrics (pair accuracy, margin) on the held-out pairs
         scores = rm.compute_scores(val.collate(val.rows)).batch
-        _, metrics = get_preference_loss(cfg.rm.loss)(scores["chosen_scores"], scores["rejected_scores"],
-                                                      margin=float(cfg.rm.margin))
+        _, metrics = get_preference_loss(s.rm.loss)(scores["chosen_scores"], scores["rejected_scores"],
+                                                    margin=s.rm.margin)
         return {f"val/{k}": float(v) for k, v in metrics.items()}
 
-    steps, every = int(cfg.trainer.steps), int(cfg.trainer.val_every)
+    steps, every = s.trainer.steps, s.trainer.val_every
     if val is not None and every:
         tracker.log(validate(), 0)
     bar = tqdm(loader, total=steps, desc="reward model")
@@ -50,7 +51,7 @@ def main(argv=None):
             metrics.update(validate())
         tracker.log(metrics, step)
         bar.set_postfix(loss=f"{metrics['rm/loss']:.3f}", acc=f"{metrics['rm/accuracy']:.2f}")
-    rm.export_hf(os.path.join(cfg.trainer.run_dir, "hf"))
+    rm.export_hf(os.path.join(s.trainer.run_dir, "hf"))
     tracker.close()
     rm.shutdown()  # stop the workers (Ray processes) and free their resources
     rm.pool.shutdown()

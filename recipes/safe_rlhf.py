@@ -20,57 +20,53 @@ import sys
 
 from hybridflow.config import parse_cli
 from hybridflow.trainer.algos import get_advantage, lagrangian_advantage, make_lagrange
-from hybridflow.trainer.build import build_workers
-from hybridflow.trainer.rl import compute_advantages
+from hybridflow.trainer.rl import compute_advantages, sample_and_score
 from hybridflow.trainer.run import RLRun
+from hybridflow.workers import build_workers
 
 
 def cost_advantages(batch, algo):
     """A_c with the reward's estimator on the cost (no KL term); sets ``cost_returns`` for the cost critic."""
     adv, batch.batch["cost_returns"] = get_advantage(algo.adv_estimator)(
         batch.batch["token_level_costs"], batch.batch["response_mask"], index=batch.non_tensor_batch["uid"],
-        values=batch.batch["cost_values"], gamma=float(algo.gamma), lam=float(algo.lam))
+        values=batch.batch["cost_values"], gamma=algo.gamma, lam=algo.lam)
     return adv
 
 
 def main(argv=None):
     cfg = parse_cli(sys.argv[1:] if argv is None else argv, os.path.join(os.path.dirname(__file__), "safe_rlhf.yaml"))
     run = RLRun(cfg)
-    lagrange = make_lagrange(cfg.algorithm.lagrange)       # λ ≥ 0 and its dual step
+    algo = run.settings.algorithm
+    lagrange = make_lagrange(algo.section("lagrange"))     # λ ≥ 0 and its dual step
     actor, ref, critic, cost_critic, reward, cost = build_workers(
-        cfg, "actor", "ref", "critic", "cost_critic", "reward", "cost")
+        run.settings, "actor", "ref", "critic", "cost_critic", "reward", "cost")
     run.attach(actor=actor, ref=ref, critic=critic, cost_critic=cost_critic, reward=reward, cost=cost,
                controllers={"lagrange": lagrange})
 
-    for batch in run.batches():
-        with run.stage("gen"):
-            batch = actor.generate(batch)
-        with run.stage("reward"):                          # r and c (their metrics go to end_step)
-            scores, costs = reward.compute_rewards(batch), cost.compute_rewards(batch)
-            batch.batch["token_level_scores"] = scores.batch["token_level_scores"]
+    for step in run.steps():
+        batch = sample_and_score(step, actor, reward)       # stages gen, reward (r), old_log_prob
+        with step.stage("reward"):                          # c (its metrics go to step.log)
+            costs = cost.compute_rewards(batch)
             batch.batch["token_level_costs"] = costs.batch["token_level_costs"]
-        with run.stage("old_log_prob"):
-            batch.union(actor.compute_log_prob(batch))
-        with run.stage("ref"):
+        with step.stage("ref"):
             batch.union(ref.compute_ref_log_prob(batch))
-        with run.stage("values"):
+        with step.stage("values"):
             batch.union(critic.compute_values(batch))       # values
             batch.union(cost_critic.compute_values(batch))  # cost_values
-        with run.stage("adv"):
+        with step.stage("adv"):
             episode_cost = batch.batch["token_level_costs"].sum(-1)
             lagrange_metrics = lagrange.update(episode_cost.mean())
-            adv_metrics = compute_advantages(batch, cfg.algorithm, run.kl_ctrl)  # A_r: KL-penalised reward, GAE
-            cost_adv = cost_advantages(batch, cfg.algorithm)                     # A_c, cost_returns: GAE
+            adv_metrics = compute_advantages(batch, algo, run.kl_ctrl)  # A_r: KL-penalised reward, GAE
+            cost_adv = cost_advantages(batch, algo)                     # A_c, cost_returns: GAE
             batch.batch["advantages"] = lagrangian_advantage(batch.batch["advantages"], cost_adv, lagrange.value,
                                                              batch.batch["response_mask"])
-        with run.stage("update_critic"):
+        with step.stage("update_critic"):
             critic_update, cost_critic_update = critic.update(batch), cost_critic.update(batch)
-        with run.stage("update_actor"):
+        with step.stage("update_actor"):
             actor_update = actor.update(batch)
         safety = {"cost/mean": float(episode_cost.mean()), **lagrange_metrics}
-        run.end_step(batch, scores, costs, safety, adv_metrics, critic_update, cost_critic_update, actor_update)
-    run.finish()
-    return run
+        step.log(batch, costs, safety, adv_metrics, critic_update, cost_critic_update, actor_update)
+    return run.finish()
 
 
 if __name__ == "__main__":

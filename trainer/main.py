@@ -6,7 +6,9 @@
                                                   run it: the same as python recipes/RECIPE.py ...
 
 A recipe is a ``<name>.py`` with a ``main(argv)`` in the ``hybridflow.recipes`` package (the
-repository's recipes/ folder); ``python -m hybridflow.trainer.main`` is the same command.
+repository's recipes/ folder), or a ``<name>.yaml`` without a script of its own: a variant of the
+dataflow whose YAML it starts from (``gspo.yaml``: ``defaults: [grpo.yaml]``), run by that script
+with ``--config <name>.yaml``. ``python -m hybridflow.trainer.main`` is the same command.
 """
 from __future__ import annotations
 
@@ -24,24 +26,56 @@ def recipes_dir() -> str:
     return os.path.dirname(os.path.abspath(hybridflow.recipes.__file__))
 
 
-def recipes() -> dict[str, str]:
-    """``{name: its docstring's first paragraph, up to 100 characters}`` of every recipe script."""
-    import ast
+def _script(name: str) -> str | None:
+    """The script that runs recipe ``name``: its own, else that of the first YAML its ``defaults``
+    start from (searched depth first); None for a YAML of no recipe (base.yaml)."""
+    if os.path.isfile(os.path.join(recipes_dir(), name + ".py")):
+        return name
+    path = os.path.join(recipes_dir(), name + ".yaml")
+    if not os.path.isfile(path):
+        return None
+    import yaml
+
+    with open(path) as f:
+        bases = (yaml.safe_load(f) or {}).get("defaults") or []
+    for base in [bases] if isinstance(bases, str) else bases:
+        base = os.path.basename(str(base))
+        if base.endswith(".yaml") and base[:-5] != name and (script := _script(base[:-5])):
+            return script
+    return None
+
+
+def _first_paragraph(text: str) -> str:
     import textwrap
+
+    return textwrap.shorten(" ".join(text.split("\n\n")[0].split()), 100, placeholder=" …")
+
+
+def recipes() -> dict[str, str]:
+    """``{name: one line}`` of every recipe: a script (its docstring's first paragraph) or a variant
+    YAML (``(runs grpo.py)`` and its first comment line), up to 100 characters."""
+    import ast
 
     found = {}
     for file in sorted(os.listdir(recipes_dir())):
-        if file.endswith(".py") and not file.startswith("_"):
-            with open(os.path.join(recipes_dir(), file)) as f:
-                doc = ast.get_docstring(ast.parse(f.read())) or ""
-            found[file[:-3]] = textwrap.shorten(" ".join(doc.split("\n\n")[0].split()), 100, placeholder=" …")
+        name, ext = os.path.splitext(file)
+        if name.startswith("_") or ext not in (".py", ".yaml") or name in found:
+            continue
+        with open(os.path.join(recipes_dir(), file)) as f:
+            text = f.read()
+        if ext == ".py":
+            found[name] = _first_paragraph(ast.get_docstring(ast.parse(text)) or "")
+        elif not os.path.isfile(os.path.join(recipes_dir(), name + ".py")) and (script := _script(name)):
+            comment = text.splitlines()[0].lstrip("# ") if text.startswith("#") else ""
+            found[name] = _first_paragraph(f"(runs {script}.py) {comment}")
     return found
 
 
 def _recipe_path(name: str, ext: str = ".py") -> str:
-    path = os.path.join(recipes_dir(), name + ext)
-    if not os.path.isfile(os.path.join(recipes_dir(), name + ".py")) or name.startswith("_"):
+    script = _script(name) if not name.startswith("_") else None
+    if script is None:
         raise SystemExit(f"hybridflow: no recipe {name!r}; recipes: {', '.join(recipes())}\n{USAGE}")
+    path = os.path.join(recipes_dir(), (name if ext == ".yaml" else script) + ext)
     if not os.path.isfile(path):
         raise SystemExit(f"hybridflow: recipe {name!r} has no config of its own ({name}{ext}); "
                          f"its overrides go to the recipes it runs")
@@ -81,7 +115,17 @@ def run(argv: list[str]):
 
         print(OmegaConf.to_yaml(load_config(_recipe_path(rest[0], ".yaml"))), end="")
         return None
-    return runpy.run_path(_recipe_path(command))["main"](rest)
+    script = _recipe_path(command)
+    if os.path.basename(script) != command + ".py":  # a variant: its script with its YAML
+        if any(a == "--config" or a.startswith("--config=") for a in rest):
+            from hybridflow.config import ConfigError
+
+            raise ConfigError(f"hybridflow {command} already runs {os.path.basename(script)} with --config "
+                              f"{command}.yaml; for a file of your own, start it from that YAML "
+                              f"(defaults: [{_recipe_path(command, '.yaml')}]) and run it with "
+                              f"hybridflow {os.path.basename(script)[:-3]} --config FILE")
+        rest = ["--config", _recipe_path(command, ".yaml"), *rest]
+    return runpy.run_path(script)["main"](rest)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from hybridflow.futures import Future
-from hybridflow.worker import rendezvous_server
+from hybridflow.worker import WORKER_PROCESS_ENV, rendezvous_server
 from hybridflow.worker_group import WorkerError, WorkerTimeoutError
 
 PLACEMENT_TIMEOUT_S = float(os.environ.get("HYBRIDFLOW_PLACEMENT_TIMEOUT_S", 120))
@@ -38,6 +38,7 @@ class _Host:
 
     def __init__(self, env: dict, roles: dict):
         os.environ.update(env)
+        os.environ[WORKER_PROCESS_ENV] = "1"
         self.workers = {name: cls(*args, **kwargs) for name, (cls, args, kwargs) in roles.items()}
 
     def call(self, role: str, method: str, args: tuple, kwargs: dict) -> Any:

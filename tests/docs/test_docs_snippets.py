@@ -190,7 +190,7 @@ def yaml_leaves(file: str) -> dict:
 
     def walk(node, prefix=""):
         for key, value in node.items():
-            if isinstance(value, dict):
+            if isinstance(value, dict) and value:  # an empty section ({}) is a key of its own
                 walk(value, f"{prefix}{key}.")
             else:
                 out[f"{prefix}{key}"] = value

@@ -2,8 +2,9 @@
 built once per session in a tmp dir; helpers that call a recipe's ``main(argv)`` in-process.
 
 Recipes are plain scripts (recipes/ is not a package), so :func:`load_recipe` executes the file
-with ``runpy`` on every call: a test that monkeypatches ``hybridflow.trainer.build.build_workers``
-before calling it sees its patch used by the recipe."""
+with ``runpy`` on every call: a test that monkeypatches ``hybridflow.workers.build_workers``
+before calling it sees its patch used by the recipe. A variant (``gspo``: a YAML run by grpo.py)
+runs as the ``hybridflow`` command runs it: its script with ``--config recipes/<name>.yaml``."""
 from __future__ import annotations
 
 import json
@@ -89,8 +90,15 @@ def assets(tmp_path_factory) -> Assets:
 
 
 def load_recipe(name: str):
-    """``main`` of ``recipes/<name>.py``, freshly executed (not as ``__main__``)."""
-    return runpy.run_path(str(RECIPES / f"{name}.py"))["main"]
+    """``main(argv)`` of recipe ``name``, freshly executed (not as ``__main__``): ``recipes/<name>.py``,
+    or for a variant its script with ``--config recipes/<name>.yaml`` first."""
+    from hybridflow.trainer.main import _recipe_path
+
+    script = _recipe_path(name)
+    main = runpy.run_path(script)["main"]
+    if Path(script).stem == name:
+        return main
+    return lambda argv: main(["--config", str(RECIPES / f"{name}.yaml"), *argv])
 
 
 def run_recipe(name: str, argv: list[str]):
@@ -123,12 +131,12 @@ def isolate_distributed():
 @pytest.fixture
 def no_workers(monkeypatch):
     """Make building worker groups fail loudly: config-level errors must come before it."""
-    import hybridflow.trainer.build as build
+    import hybridflow.workers as workers
 
     def refuse(*args, **kwargs):
         raise AssertionError("build_workers was called: the error should have been raised before any worker")
 
-    monkeypatch.setattr(build, "build_workers", refuse)
+    monkeypatch.setattr(workers, "build_workers", refuse)
 
 
 @pytest.fixture(scope="session")

@@ -7,15 +7,10 @@ must raise the mean training reward of its last 5 steps above that of its first 
 margin in CASES, about half of the smallest gain measured over seeds 0-2 (listed in CASES)."""
 import json
 import os
-import runpy
 
 import pytest
 
-RECIPES = os.path.join(os.path.dirname(__file__), "..", "..", "recipes")
-
-
-def recipe(name):
-    return runpy.run_path(os.path.join(RECIPES, f"{name}.py"))["main"]
+from .conftest import load_recipe as recipe
 
 
 def train_rows(run_dir):
@@ -70,11 +65,12 @@ def test_baseline_recipe_learns(warmed, tmp_path, runs, request, name, executor,
         assert set(run.groups) == {"actor", "reward"} and all("timing/ref_s" not in r for r in rows)
 
 
-def test_dr_grpo_refuses_a_kl_it_cannot_compute(warmed, tmp_path):
-    from hybridflow.config import ConfigError
-
-    with pytest.raises(ConfigError, match="no reference model"):
-        recipe("dr_grpo")([*warmed, f"trainer.run_dir={tmp_path}", "actor.use_kl_loss=true"])
+def test_dr_grpo_with_a_kl_term_builds_the_reference(warmed, tmp_path, runs):
+    """dr_grpo is a config of grpo.py: a KL term turned on builds the reference it reads (and only then)."""
+    run = recipe("dr_grpo")([*warmed, f"trainer.run_dir={tmp_path}", "actor.use_kl_loss=true", "trainer.steps=1",
+                             "trainer.val_every=0", "trainer.val_before_train=false", "trainer.plot=false"])
+    (row,) = train_rows(tmp_path)
+    assert set(run.groups) == {"actor", "ref", "reward"} and "timing/ref_s" in row and "actor/kl_loss" in row
 
 
 def test_remax_baseline_is_the_greedy_reward_of_each_prompt(warmed, tmp_path, runs, monkeypatch):
@@ -82,7 +78,7 @@ def test_remax_baseline_is_the_greedy_reward_of_each_prompt(warmed, tmp_path, ru
     the estimator receives, for every row, the reward of its own prompt's greedy answer."""
     import torch
 
-    import hybridflow.trainer.build as build
+    import hybridflow.workers as build
     from hybridflow.trainer.algos.advantages import ADVANTAGES
     from hybridflow.trainer.algos.baselines import remax_advantage
 

@@ -27,3 +27,7 @@ def test_zoo_lists_every_rl_recipe():
     rl = {p.stem for p in (root / "recipes").glob("*.py") if "RLRun(" in p.read_text()}
     listed = {Path(entry[0]).stem for entry in ZOO.values()}
     assert rl <= listed, f"recipes missing from benchmarks/zoo_curves.py ZOO: {sorted(rl - listed)}"
+    from hybridflow.trainer.main import recipes
+
+    variants = {name for name, line in recipes().items() if line.startswith("(runs grpo.py)")}
+    assert len(variants) >= 5 and variants <= set(ZOO), f"variants missing from ZOO: {sorted(variants - set(ZOO))}"

@@ -5,14 +5,10 @@ The starting point is the quick start's half-trained SFT model (recipes/quicksta
 must raise the mean reward of its last 5 steps above that of its first 5 steps by a margin about
 half of the smallest gain measured over seeds 0, 1, 2 (listed with CASES)."""
 import json
-import os
-import runpy
 
 import pytest
 
 from .conftest import comparable, read_rows, run_recipe, train_rows
-
-RECIPES = os.path.join(os.path.dirname(__file__), "..", "..", "recipes")
 
 
 def first_last(run_dir, key):
@@ -43,7 +39,7 @@ CASES = [
 def test_zoo_recipe_learns(warmed, tmp_path, runs, request, name, executor, steps, metric, gain):
     if "executor=ray" in executor:
         request.getfixturevalue("ray_e2e")  # one Ray instance for all the Ray tests of the session
-    run = runpy.run_path(os.path.join(RECIPES, f"{name}.py"))["main"](
+    run = run_recipe(name,
         [*warmed, *executor, f"trainer.steps={steps}", f"trainer.run_dir={tmp_path}", "trainer.val_every=0",
          "trainer.val_before_train=false"])
     assert run.step == steps and sorted(train_rows(tmp_path)) == list(range(1, steps + 1))

@@ -88,14 +88,15 @@ def test_exported_model_scores_in_the_reward_worker(reward_model, warmed, pairs)
     from transformers import AutoModelForTokenClassification, AutoTokenizer
 
     from hybridflow.config import parse_cli
-    from hybridflow.trainer.build import build_workers
+    from hybridflow.trainer.settings import rl_settings
+    from hybridflow.workers import build_workers
     from hybridflow.trainer.data import PairDataset
     from hybridflow.workers.roles.reward_model import interleave_pairs, last_token_scores
 
     hf = str(reward_model / "hf")
     cfg = parse_cli(["--config", os.path.join(RECIPES, "ppo_rm.yaml"), *warmed, f"reward.model_path={hf}"],
                     os.path.join(RECIPES, "ppo.yaml"))
-    (reward,) = build_workers(cfg, "reward")
+    (reward,) = build_workers(rl_settings(cfg), "reward")
     rows = pq.read_table(pairs["val"]).to_pylist()
     tokenizer = AutoTokenizer.from_pretrained(hf)
     scores = {}

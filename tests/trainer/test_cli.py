@@ -13,14 +13,45 @@ from hybridflow.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted(p.stem for p in (REPO / "recipes").glob("*.py") if not p.name.startswith("_"))
+# configs of a script's dataflow (their YAML starts from that script's YAML, no script of their own)
+VARIANTS = {"rloo": "grpo", "reinforce_pp": "grpo", "dr_grpo": "grpo", "gspo": "grpo", "ctpo": "grpo",
+            "ppo_rm": "ppo"}
 
 
-def test_list_names_every_recipe_script(capsys):
-    assert list(recipes()) == SCRIPTS and "grpo" in SCRIPTS
+def test_list_names_every_recipe_script_and_variant(capsys):
+    assert list(recipes()) == sorted([*SCRIPTS, *VARIANTS]) and "grpo" in SCRIPTS
     main(["list"])
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines] == SCRIPTS
+    assert [line.split()[0] for line in lines] == sorted([*SCRIPTS, *VARIANTS])
     assert any(line.startswith("grpo") and "Group Relative Policy Optimization" in line for line in lines)
+    for name, script in VARIANTS.items():
+        assert any(line.startswith(name) and f"(runs {script}.py)" in line for line in lines), name
+    assert not any(line.startswith("base ") for line in lines)  # base.yaml is no recipe
+
+
+class Started(Exception):
+    """Raised instead of starting a run: carries the config the recipe parsed."""
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_a_variant_runs_its_script_with_its_yaml(variant, monkeypatch):
+    """``hybridflow gspo k=v`` is ``hybridflow grpo --config recipes/gspo.yaml k=v`` (same config)."""
+    from hybridflow.trainer.run import RLRun
+
+    def started(self, cfg):
+        raise Started(cfg)
+
+    monkeypatch.setattr(RLRun, "__init__", started)
+    seen = []
+    for argv in ([variant, "trainer.steps=3"],
+                 [VARIANTS[variant], "--config", str(REPO / "recipes" / f"{variant}.yaml"), "trainer.steps=3"]):
+        with pytest.raises(Started) as info:
+            run(argv)
+        seen.append(info.value.args[0])
+    assert seen[0] == seen[1] and seen[0].trainer.steps == 3
+    assert seen[0] == load_config(str(REPO / "recipes" / f"{variant}.yaml"), ["trainer.steps=3"])
+    with pytest.raises(ConfigError, match=f"already runs {VARIANTS[variant]}.py with --config {variant}.yaml"):
+        run([variant, "--config", "mine.yaml"])
 
 
 def test_config_prints_the_merged_default_config(capsys):

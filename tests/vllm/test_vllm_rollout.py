@@ -3,6 +3,8 @@
 Run: ``OMP_NUM_THREADS=1 python -m pytest tests/vllm -q -m vllm`` (needs the ``vllm`` extra)."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -98,11 +100,12 @@ def test_logprobs_equal_trainer_after_update_and_sync(vllm_run, vllm_quickstart,
     mask = fresh.batch["response_mask"]
     assert fresh.meta_info["temperature"] == temperature
     assert_close_on_mask(fresh.batch["rollout_log_probs"], trainer_log_probs(actor, fresh, temperature), mask, FP32_TOL)
-    actor.cfg["rollout_is"] = True
+    settings = actor.cfg  # the worker's ActorSettings (frozen): turn the truncated IS on for one call
+    actor.cfg = dataclasses.replace(settings, rollout_is=True)
     try:
         out = actor.compute_log_prob(fresh)
     finally:
-        actor.cfg["rollout_is"] = False
+        actor.cfg = settings
     assert actor._rollout_metrics.pop("rollout_corr/log_prob_abs_diff_max") < FP32_TOL  # goes out with the next update
     weights = out.batch["rollout_is_weights"]
     assert_close_on_mask(weights, torch.ones_like(weights), mask, 1e-3)

@@ -53,13 +53,14 @@ def test_eos_does_not_stop_and_mask_covers_everything(engine, prompts, do_sample
 
 def test_actor_passes_rollout_ignore_eos_through(tiny_ckpt, prompts):
     from hybridflow.config import load_config
+    from hybridflow.trainer.settings import typed_rl_settings
     from hybridflow.workers.roles.actor import SAMPLING_KEYS, ActorWorker
 
     assert "ignore_eos" in SAMPLING_KEYS
     cfg = load_config(os.path.join(RECIPES, "grpo.yaml"),
                       [f"model.path={tiny_ckpt}", "rollout.n=2", f"rollout.max_new_tokens={R}",
                        "rollout.do_sample=false", "rollout.ignore_eos=true"])
-    actor = ActorWorker(cfg)
+    actor = ActorWorker.role(typed_rl_settings(cfg)).instantiate()
     batch = DataProto(prompts.clone())
     free = actor.generate(batch)
     tokenizer = actor.engine.tokenizer

@@ -1,11 +1,14 @@
 """Rollout-vs-trainer mismatch metrics and truncated IS weights (workers/rollout/mismatch.py),
 hand-computed; and the actor wiring them in (compute_log_prob → update), with the hf backend."""
 import math
+import os
 
 import pytest
 import torch
 
 from hybridflow.workers.rollout.mismatch import rollout_mismatch_metrics, truncated_is_weights
+
+RECIPES = os.path.join(os.path.dirname(__file__), "..", "..", "recipes")
 
 ROLLOUT = torch.tensor([[-1.0, -2.0, -0.5], [-3.0, -1.0, -9.0]])
 TRAINER = torch.tensor([[-1.5, -1.0, -0.5], [-3.0, -2.0, -1.0]])
@@ -50,22 +53,22 @@ def test_policy_loss_uses_the_weights():
 def test_actor_reports_mismatch_and_is_weights(tiny_ckpt):
     """compute_log_prob adds rollout_corr/* metrics and, with actor.rollout_is, the weights
     (≈1 for the hf backend, whose sampling log-probs are the trainer's)."""
-    from omegaconf import OmegaConf
-
     from hybridflow import DataProto
-    from hybridflow.workers.roles.actor import ActorWorker
+    from hybridflow.config import load_config
+    from hybridflow.trainer.settings import typed_rl_settings
     from hybridflow.trainer.tiny_model import build_tokenizer
+    from hybridflow.workers.roles.actor import ActorWorker
 
-    cfg = OmegaConf.create({"seed": 0, "model": {"path": tiny_ckpt}, "data": {"batch_size": 2},
-                            "trainer": {"steps": 1},
-                            "rollout": {"n": 2, "max_new_tokens": 4, "temperature": 0.7, "seed": 1},
-                            "actor": {"rollout_is": True, "rollout_is_cap": 1.5, "lr": 1e-3}})
-    actor = ActorWorker(cfg)
+    cfg = load_config(os.path.join(RECIPES, "grpo.yaml"),
+                      [f"model.path={tiny_ckpt}", "data.batch_size=2", "trainer.steps=1", "rollout.n=2",
+                       "rollout.max_new_tokens=4", "rollout.temperature=0.7", "actor.rollout_is=true",
+                       "actor.rollout_is_cap=1.5", "actor.lr=1e-3", "actor.use_kl_loss=false"])
+    actor = ActorWorker.role(typed_rl_settings(cfg)).instantiate()
     tok = build_tokenizer()
     enc = tok(["12+3=", "7+8="], return_tensors="pt", padding=True, padding_side="left")
     mask = enc["attention_mask"]
     prompts = DataProto.from_dict({"input_ids": enc["input_ids"], "attention_mask": mask,
-                                   "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)})
+                                   "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}, meta_info={"seed": 1})
     batch = actor.generate(prompts)
     out = actor.compute_log_prob(batch)
     w = out.batch["rollout_is_weights"]

@@ -178,16 +178,23 @@ def test_grouped_attention_equals_repeated_kv_and_is_used_only_during_the_call(t
 
 
 def test_selected_by_config_with_clear_errors(engine):
-    rollout = build_rollout("static", engine, {"static": {"cuda_graph": False, "sync_every": 4, "weights": "shared"}})
+    from hybridflow.config import ConfigError, load_config
+    from hybridflow.trainer.settings import typed_rl_settings
+
+    def settings(*overrides):
+        return typed_rl_settings(load_config(os.path.join(REPO, "recipes", "grpo.yaml"), list(overrides))).rollout
+
+    rollout = build_rollout("static", engine, settings("rollout.static.cuda_graph=false", "rollout.static.sync_every=4",
+                                                       "rollout.static.weights=shared"))
     assert isinstance(rollout, StaticRollout) and rollout.sync_every == 4 and not rollout.use_graph
     assert not rollout.gather_weights
-    with pytest.raises(ValueError, match="auto, shared or copy"):
-        build_rollout("static", engine, {"static": {"weights": "gathered"}})
-    assert not build_rollout("static", engine, {}).use_graph  # cuda_graph is a no-op on a CPU engine
-    with pytest.raises(ValueError, match="rollout.static"):
-        build_rollout("static", engine, {"static": {"cuda_graphs": True}})
+    with pytest.raises(ConfigError, match=r"'rollout.static.weights': 'gathered' is not one of \['auto', 'shared', 'copy'\]"):
+        settings("rollout.static.weights=gathered")
+    assert not build_rollout("static", engine, settings()).use_graph  # cuda_graph is a no-op on a CPU engine
+    with pytest.raises(ConfigError, match="rollout.static.cuda_graphs"):
+        settings("rollout.static.cuda_graphs=true")
     with pytest.raises(ValueError, match="sync_every must be >= 1"):
-        build_rollout("static", engine, {"static": {"sync_every": 0}})
+        build_rollout("static", engine, settings("rollout.static.sync_every=0"))
     with pytest.raises(ValueError, match="left-padded"):
         right = TensorDict({"input_ids": torch.tensor([[5, 6, 0]]), "attention_mask": torch.tensor([[1, 1, 0]])},
                            batch_size=[1])

@@ -23,35 +23,40 @@ from __future__ import annotations
 
 import contextlib
 
-from hybridflow import DataProto, Dispatch, Worker, register
-from hybridflow.trainer.algos import agg_loss, get_policy_loss, kl_penalty
+from hybridflow import DataProto, Dispatch, Role, Worker, register
+from hybridflow.trainer.algos import accepted_options, agg_loss, get_policy_loss, kl_penalty
+from hybridflow.trainer.settings import ActorSettings, RLSettings, RolloutSettings
 from hybridflow.workers.rollout import build_rollout
 from hybridflow.workers.rollout.mismatch import rollout_mismatch_metrics, truncated_is_weights
 from hybridflow.workers.roles.common import (EngineStateMixin, build_engine, dispatch_position, generation_weights,
-                                             optimizer_steps, run_updates, section)
+                                             run_updates)
 
 SAMPLING_KEYS = ("n", "temperature", "top_p", "top_k", "do_sample", "max_new_tokens", "seed", "ignore_eos")
 
 
 class ActorWorker(EngineStateMixin, Worker):
-    """Actor + rollout (the hybrid engine) for one rank. ``config`` is the whole run config."""
+    """Actor + rollout (the hybrid engine) for one rank: the ``actor`` and ``rollout`` settings,
+    the policy's checkpoint, the run's optimizer-step count (LR schedule) and seed."""
 
-    def __init__(self, config):
+    def __init__(self, actor: ActorSettings, rollout: RolloutSettings, *, model_path: str, total_steps: int,
+                 seed: int):
         super().__init__()
         self.init_distributed()
-        self.cfg = section(config, "actor")
-        self.rollout_cfg = section(config, "rollout")
-        self.engine = build_engine(config.model.path, self.cfg, total_steps=optimizer_steps(config, self.cfg),
-                                   seed=int(config.get("seed", 0)))
-        if self.cfg.get("backend") == "megatron" and self.rollout_cfg.get("backend", "hf") == "static":
-            raise ValueError("actor.backend=megatron generates with rollout.backend=hf or vllm, not static "
-                             "(docs/backends.md#megatron)")
-        self.rollout = build_rollout(self.rollout_cfg.get("backend", "hf"), self.engine, self.rollout_cfg, config)
+        self.cfg, self.rollout_cfg = actor, rollout
+        self.engine = build_engine(model_path, actor, total_steps=total_steps, seed=seed)
+        self.rollout = build_rollout(rollout.backend, self.engine, rollout, seed=seed)
         self.dp_rank, self.dp_size, collect = dispatch_position(self.engine, self.rank, self.world_size)
         self.set_dispatch_info("actor", dp_rank=self.dp_rank, dp_size=self.dp_size, collect=collect)
-        self.policy_loss = get_policy_loss(self.cfg.get("policy_loss", "ppo"))
+        self.policy_loss = get_policy_loss(actor.policy_loss)
+        self.loss_options = accepted_options(self.policy_loss, actor.loss_options())
         self._rollout_stale = True      # the rollout engine may not hold the actor's weights yet
         self._rollout_metrics: dict = {}  # rollout/* and rollout_corr/* metrics, reported with the next update
+
+    @classmethod
+    def role(cls, s: RLSettings) -> Role:
+        """What the actor gets of the run's settings (picked on the controller)."""
+        return Role(cls, s.actor, s.rollout, model_path=s.model.path, total_steps=s.optimizer_steps(s.actor),
+                    seed=s.seed)
 
     def _sync_rollout(self) -> None:
         self._rollout_metrics.update(self.rollout.sync_weights(self.engine))
@@ -64,7 +69,7 @@ class ActorWorker(EngineStateMixin, Worker):
 
     @register(dispatch=Dispatch.MESH_PROTO, mesh="actor")
     def generate(self, prompts: DataProto) -> DataProto:
-        opts = {k: self.rollout_cfg[k] for k in SAMPLING_KEYS if k in self.rollout_cfg}
+        opts = self.rollout_cfg.sampling()
         opts.update({k: prompts.meta_info[k] for k in SAMPLING_KEYS if k in prompts.meta_info})
         n = int(opts.pop("n", 1))
         if opts.get("seed") is not None:  # a different stream on every DP rank, reproducible per step
@@ -89,30 +94,25 @@ class ActorWorker(EngineStateMixin, Worker):
                                   temperature=self._temperature(data), with_entropy=True)
         result = DataProto.from_dict({"old_log_probs": out["log_probs"], "entropy": out["entropy"]})
         has_rollout = "rollout_log_probs" in data.batch.keys() and "response_mask" in data.batch.keys()
-        if self.cfg.get("rollout_is", False) and not has_rollout:
+        if self.cfg.rollout_is and not has_rollout:
             raise ValueError("actor.rollout_is=true needs the rollout's 'rollout_log_probs' and 'response_mask' "
                              f"in the batch given to compute_log_prob; it has {list(data.batch.keys())}")
         if has_rollout:  # metrics go out with the next update (meta_info['metrics'] of the batch is the reward's)
             rollout_lp, mask = data.batch["rollout_log_probs"], data.batch["response_mask"]
             self._rollout_metrics.update(rollout_mismatch_metrics(rollout_lp, out["log_probs"], mask))
-            if self.cfg.get("rollout_is", False):
-                weights, is_metrics = truncated_is_weights(rollout_lp, out["log_probs"], mask,
-                                                           float(self.cfg.get("rollout_is_cap", 2.0)))
+            if self.cfg.rollout_is:
+                weights, is_metrics = truncated_is_weights(rollout_lp, out["log_probs"], mask, self.cfg.rollout_is_cap)
                 result.batch["rollout_is_weights"] = weights
                 self._rollout_metrics.update(is_metrics)
         return result
 
     def _temperature(self, data: DataProto) -> float:
-        return float(data.meta_info.get("temperature", self.rollout_cfg.get("temperature", 1.0)))
+        return float(data.meta_info.get("temperature", self.rollout_cfg.temperature))
 
     @register(dispatch=Dispatch.MESH_PROTO, mesh="actor")
     def update(self, data: DataProto) -> DataProto:
         cfg = self.cfg
-        mode = cfg.get("loss_agg_mode", "token-mean")
-        entropy_coeff = float(cfg.get("entropy_coeff", 0.0))
-        use_kl = bool(cfg.get("use_kl_loss", False))
-        loss_options = {k: v for k, v in cfg.items()
-                        if k not in ("rollout_is_weights", "norm_constant", "rollout_is", "rollout_is_cap")}
+        mode = cfg.loss_agg_mode
 
         def loss_fn(mb, out):
             mask = mb["response_mask"]
@@ -120,17 +120,16 @@ class ActorWorker(EngineStateMixin, Worker):
             norm = mask.shape[0] * mask.shape[1] if mode == "seq-mean-token-sum-norm" else None
             extra = {"rollout_is_weights": mb["rollout_is_weights"]} if "rollout_is_weights" in mb.keys() else {}
             loss, metrics = self.policy_loss(mb["old_log_probs"], out["log_probs"], mb["advantages"], mask,
-                                             **loss_options, norm_constant=norm, **extra)
+                                             **self.loss_options, norm_constant=norm, **extra)
             metrics = {k: float(v) for k, v in metrics.items()}
             metrics["actor/pg_loss"] = loss.item()
             entropy = agg_loss(out["entropy"], mask, mode, norm)
             metrics["actor/entropy"] = entropy.item()
-            loss = loss - entropy_coeff * entropy
-            if use_kl:
-                kl = agg_loss(kl_penalty(out["log_probs"], mb["ref_log_probs"], cfg.get("kl_loss_type", "k3")),
-                              mask, mode, norm)
+            loss = loss - cfg.entropy_coeff * entropy
+            if cfg.use_kl_loss:
+                kl = agg_loss(kl_penalty(out["log_probs"], mb["ref_log_probs"], cfg.kl_loss_type), mask, mode, norm)
                 metrics["actor/kl_loss"] = kl.item()
-                loss = loss + float(cfg.get("kl_loss_coef", 0.001)) * kl
+                loss = loss + cfg.kl_loss_coef * kl
             return loss, metrics
 
         keys = ["input_ids", "attention_mask", "position_ids", "responses", "response_mask", "old_log_probs",

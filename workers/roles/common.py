@@ -1,63 +1,90 @@
-"""What the role workers share: building an engine from a config section, mini-batch loops."""
+"""What the role workers share: building an engine from a role's settings, mini-batch loops."""
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Callable, Iterator
+import importlib
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
 from tensordict import TensorDict
 
 from hybridflow import DataProto, Dispatch, register
 from hybridflow.trainer.metrics import reduce_metrics
+from hybridflow.trainer.settings import ActorSettings, CriticSettings, RewardSettings, TrainSettings
 
-BACKENDS = ("fsdp", "megatron")  # `actor.backend` / `critic.backend` (the reference follows the actor)
-
-
-def section(cfg: Any, name: str) -> dict:
-    """A config section as a plain dict ({} when absent)."""
-    node = cfg.get(name) if isinstance(cfg, (dict, DictConfig)) else None
-    if node is None:
-        return {}
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+BACKENDS = {"fsdp": ("hybridflow.workers.engines.fsdp", "FSDPEngine", "FSDPEngineConfig"),
+            "megatron": ("hybridflow.workers.engines.megatron", "MegatronEngine", "MegatronEngineConfig")}
+_OWN_FIELDS = ("backend", "megatron", "engine_options")  # TrainSettings fields that are no engine key
 
 
-def optimizer_steps(config, role_cfg: dict) -> int:
-    """Optimizer steps of a run (what LR schedules span): ``trainer.steps`` × ``ppo_epochs`` ×
-    mini-batches per step (``data.batch_size · rollout.n / ppo_mini_batch_size``, rounded up)."""
-    rows = int(config.data.batch_size) * int(config.rollout.get("n", 1))
-    per_step = -(-rows // int(role_cfg.get("ppo_mini_batch_size", rows)))
-    return int(config.trainer.steps) * int(role_cfg.get("ppo_epochs", 1)) * per_step
-
-
-def build_engine(model_path: str, role_cfg: dict, *, model_type: str = "causal_lm", trainable: bool = True,
-                 total_steps: int | None = None, seed: int = 0):
-    """The training engine named by ``role_cfg['backend']`` (default fsdp). Engine keys are taken
-    from the role's section (``actor.lr``, ``actor.micro_batch_size``, ...); the rest of the
-    section belongs to the role. A frozen model (reference, reward model) gets lr 0.
-    ``backend: megatron`` also reads the layout keys of the role's ``megatron`` sub-section
-    (``tp``, ``pp``, ``use_distributed_optimizer``, ``overlap_grad_reduce``)."""
-    backend = role_cfg.get("backend", "fsdp")
+def _engine_classes(backend: str) -> tuple[type, type]:
     if backend not in BACKENDS:
-        raise ValueError(f"unknown training backend {backend!r}; available: {BACKENDS}")
-    if backend == "megatron":
-        from hybridflow.workers.engines.megatron import MegatronEngine as Engine
-        from hybridflow.workers.engines.megatron import MegatronEngineConfig as EngineCls
-    else:
-        from hybridflow.workers.engines.fsdp import FSDPEngine as Engine
-        from hybridflow.workers.engines.fsdp import FSDPEngineConfig as EngineCls
-    fields = {f.name for f in dataclasses.fields(EngineCls)}
-    values = {k: v for k, v in role_cfg.items() if k in fields}
-    if backend == "megatron":
-        values.update({k: v for k, v in (role_cfg.get("megatron") or {}).items() if v is not None})
+        raise ValueError(f"unknown training backend {backend!r}; available: {tuple(BACKENDS)}")
+    module, engine, config = BACKENDS[backend]
+    loaded = importlib.import_module(module)
+    return getattr(loaded, engine), getattr(loaded, config)
+
+
+def engine_values(settings: TrainSettings | RewardSettings | Mapping) -> tuple[str, dict]:
+    """``(backend, engine config keys)`` of a role's settings: the typed engine fields of a
+    :class:`TrainSettings` (with its megatron layout) plus its ``engine_options``; a frozen model
+    with no engine section (a reward model) has only the options. A plain mapping (a role section
+    as a dict: ``{"backend": "megatron", "megatron": {"tp": 2}, "lr": 1e-5, ...}``) gives its
+    engine keys, its layout merged in; its other keys belong to the role and are left out."""
+    if isinstance(settings, Mapping):
+        backend = settings.get("backend", "fsdp")
+        _, config_cls = _engine_classes(backend)
+        fields = {f.name for f in dataclasses.fields(config_cls)}
+        values = {k: v for k, v in settings.items() if k in fields}
+        if backend == "megatron":
+            values.update({k: v for k, v in (settings.get("megatron") or {}).items() if v is not None})
+        return backend, values
+    values: dict = {}
+    backend = "fsdp"
+    if isinstance(settings, TrainSettings):
+        backend = settings.backend
+        values = {f.name: getattr(settings, f.name) for f in dataclasses.fields(TrainSettings)
+                  if f.name not in _OWN_FIELDS}
+        layout = settings.megatron
+        if backend == "megatron" and layout is not None:
+            values.update(tp=layout.tp, pp=layout.pp, use_distributed_optimizer=layout.use_distributed_optimizer,
+                          **({"reshard": layout.reshard} if layout.reshard else {}), **layout.options)
+    values.update(settings.engine_options)
+    return backend, values
+
+
+def check_engine_options(settings: TrainSettings | RewardSettings, key: str) -> None:
+    """The ``+key`` engine options of a section name keys of its backend's engine config (a
+    ConfigError with the nearest keys, on the controller, before any worker starts)."""
+    from hybridflow.config import ConfigError, unknown_key_message
+
+    backend, _ = engine_values(settings)
+    _, config_cls = _engine_classes(backend)
+    known = [f.name for f in dataclasses.fields(config_cls)]
+    extra = dict(settings.engine_options)
+    if backend == "megatron" and settings.megatron is not None:  # the section is read by megatron only
+        extra.update({f"megatron.{k}": v for k, v in settings.megatron.options.items()})
+    for name in extra:
+        if name.removeprefix("megatron.") not in known or name in ("model_path", "model_type", "seed", "total_steps"):
+            msg = unknown_key_message(f"{key}.{name}", [f"{key}.{k}" for k in known], "command line")
+            raise ConfigError(msg.replace("Prefix the key with '+' to add a new one.",
+                                          f"Keys of the {backend} engine: {', '.join(known)}."))
+
+
+def build_engine(model_path: str, settings: TrainSettings | RewardSettings | Mapping, *,
+                 model_type: str = "causal_lm", trainable: bool = True, total_steps: int | None = None, seed: int = 0):
+    """The training engine of a role (:func:`engine_values`: backend and keys) on ``model_path``.
+    A frozen model (reference, reward model) gets lr 0; ``total_steps`` spans the LR schedule."""
+    backend, values = engine_values(settings)
+    engine_cls, _ = _engine_classes(backend)
     values.update(model_path=model_path, model_type=model_type, seed=seed)
     if total_steps:
         values.setdefault("total_steps", total_steps)
     if not trainable:
         values.update(lr=0.0, lr_schedule="constant", warmup_steps=0, warmup_ratio=0.0)
-    return Engine(values)
+    return engine_cls(values)
 
 
 def dispatch_position(engine, rank: int, world_size: int) -> tuple[int, int, bool]:
@@ -86,18 +113,18 @@ def mini_batches(batch: TensorDict, mini_batch_size: int, epochs: int, dp_size: 
             yield batch[torch.as_tensor(order[start:start + local])]
 
 
-def run_updates(engine, data: DataProto, keys: list[str], loss_fn: Callable, cfg: dict, *, dp_size: int,
-                prefix: str, temperature: float = 1.0, with_entropy: bool = False) -> DataProto:
-    """The PPO-style update loop shared by actor and critic: epochs × mini-batches, one optimizer
-    step each; returns the metrics (means over steps) in ``meta_info['metrics']``, the engine's
-    ``grad_norm``/``lr`` under ``<prefix>/``. Micro-batch
-    losses are weighted by tokens for ``token-mean`` aggregation and by rows for ``seq-mean-*``."""
-    loss_weighting = "tokens" if cfg.get("loss_agg_mode", "token-mean") == "token-mean" else "rows"
+def run_updates(engine, data: DataProto, keys: list[str], loss_fn: Callable, role: ActorSettings | CriticSettings,
+                *, dp_size: int, prefix: str, temperature: float = 1.0, with_entropy: bool = False) -> DataProto:
+    """The PPO-style update loop shared by actor and critic: ``role.ppo_epochs`` × mini-batches of
+    ``role.ppo_mini_batch_size`` rows, one optimizer step each; returns the metrics (means over
+    steps) in ``meta_info['metrics']``, the engine's ``grad_norm``/``lr`` under ``<prefix>/``.
+    Micro-batch losses are weighted by tokens for ``token-mean`` aggregation and by rows for
+    ``seq-mean-*``."""
+    loss_weighting = "tokens" if role.loss_agg_mode == "token-mean" else "rows"
     batch = data.batch.select(*[k for k in keys if k in data.batch.keys()])
     collected: dict[str, list] = {}
     seed = int(data.meta_info.get("step", 0))
-    for mb in mini_batches(batch, int(cfg.get("ppo_mini_batch_size", len(data))), int(cfg.get("ppo_epochs", 1)),
-                           dp_size, seed, bool(cfg.get("shuffle", False))):
+    for mb in mini_batches(batch, role.ppo_mini_batch_size, role.ppo_epochs, dp_size, seed, role.shuffle):
         metrics = engine.train_batch(mb, loss_fn, temperature=temperature, with_entropy=with_entropy,
                                      loss_weighting=loss_weighting)
         for key, value in metrics.items():

@@ -8,23 +8,29 @@
 """
 from __future__ import annotations
 
-from hybridflow import DataProto, Dispatch, Worker, register
+from hybridflow import DataProto, Dispatch, Role, Worker, register
 from hybridflow.trainer.algos import value_loss
-from hybridflow.workers.roles.common import (EngineStateMixin, build_engine, dispatch_position, optimizer_steps,
-                                             run_updates, section)
+from hybridflow.trainer.settings import CriticSettings, RLSettings
+from hybridflow.workers.roles.common import EngineStateMixin, build_engine, dispatch_position, run_updates
 
 
 class CriticWorker(EngineStateMixin, Worker):
     SECTION, VALUES, RETURNS = "critic", "values", "returns"  # config section, batch keys it reads/writes
 
-    def __init__(self, config):
+    def __init__(self, critic: CriticSettings, *, model_path: str, total_steps: int, seed: int):
         super().__init__()
         self.init_distributed()
-        self.cfg = section(config, self.SECTION)
-        self.engine = build_engine(self.cfg.get("model_path") or config.model.path, self.cfg, model_type="value",
-                                   total_steps=optimizer_steps(config, self.cfg), seed=int(config.get("seed", 0)))
+        self.cfg = critic
+        self.engine = build_engine(model_path, critic, model_type="value", total_steps=total_steps, seed=seed)
         self.dp_rank, self.dp_size, collect = dispatch_position(self.engine, self.rank, self.world_size)
         self.set_dispatch_info("critic", dp_rank=self.dp_rank, dp_size=self.dp_size, collect=collect)
+
+    @classmethod
+    def role(cls, s: RLSettings) -> Role:
+        """The critic's section (``cost_critic`` for Safe RLHF's cost critic) and its checkpoint."""
+        critic = getattr(s, cls.SECTION)
+        return Role(cls, critic, model_path=s.role_model(critic.model_path), total_steps=s.optimizer_steps(critic),
+                    seed=s.seed)
 
     @register(dispatch=Dispatch.MESH_PROTO, mesh="critic")
     def compute_values(self, data: DataProto) -> DataProto:
@@ -33,8 +39,7 @@ class CriticWorker(EngineStateMixin, Worker):
 
     @register(dispatch=Dispatch.MESH_PROTO, mesh="critic")
     def update(self, data: DataProto) -> DataProto:
-        mode = self.cfg.get("loss_agg_mode", "token-mean")
-        clip = float(self.cfg.get("cliprange_value", 0.5))
+        mode, clip = self.cfg.loss_agg_mode, self.cfg.cliprange_value
 
         def loss_fn(mb, out):
             loss, metrics = value_loss(out["values"], mb[self.VALUES], mb[self.RETURNS], mb["response_mask"], clip,

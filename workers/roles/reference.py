@@ -5,18 +5,26 @@ one process per rank. ``compute_ref_log_prob`` returns ``ref_log_probs`` at the 
 temperature (the same convention as the actor's ``old_log_probs``)."""
 from __future__ import annotations
 
-from hybridflow import DataProto, Dispatch, Worker, register
-from hybridflow.workers.roles.common import build_engine, dispatch_position, section
+from hybridflow import DataProto, Dispatch, Role, Worker, register
+from hybridflow.trainer.settings import RLSettings, TrainSettings
+from hybridflow.workers.roles.common import build_engine, dispatch_position
 
 
 class ReferenceWorker(Worker):
-    def __init__(self, config):
+    """``engine``: the actor's engine settings (its layout; ``ref`` overrides on top), run with lr 0 on ``model_path``;
+    ``temperature``: the rollout's, used when a batch does not carry its own."""
+
+    def __init__(self, engine: TrainSettings, *, model_path: str, temperature: float):
         super().__init__()
         self.init_distributed()
-        ref_cfg = {**section(config, "actor"), **section(config, "ref")}
-        self.engine = build_engine(ref_cfg.get("model_path") or config.model.path, ref_cfg, trainable=False)
-        self.temperature = float(section(config, "rollout").get("temperature", 1.0))
+        self.engine = build_engine(model_path, engine, trainable=False)
+        self.temperature = temperature
         self.set_dispatch_info("ref", *dispatch_position(self.engine, self.rank, self.world_size))
+
+    @classmethod
+    def role(cls, s: RLSettings) -> Role:
+        return Role(cls, s.reference_engine(), model_path=s.role_model(s.ref.model_path),
+                    temperature=s.rollout.temperature)
 
     @register(dispatch=Dispatch.MESH_PROTO, mesh="ref")
     def compute_ref_log_prob(self, data: DataProto) -> DataProto:

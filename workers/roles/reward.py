@@ -13,31 +13,37 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from hybridflow import DataProto, Dispatch, Worker, register
+from hybridflow import DataProto, Dispatch, Role, Worker, register
 from hybridflow.trainer.rewards import RewardManager, scores_to_token_level
-from hybridflow.workers.roles.common import build_engine, section
+from hybridflow.trainer.settings import RewardSettings, RLSettings
+from hybridflow.workers.roles.common import build_engine
 
 
 class RewardWorker(Worker):
+    """``reward``: the section's settings; ``tokenizer_path``: the policy's checkpoint, whose
+    tokenizer decodes the responses."""
     SECTION, OUTPUT = "reward", "token_level_scores"  # config section read, output key (CostWorker: others)
 
-    def __init__(self, config):
+    def __init__(self, reward: RewardSettings, *, tokenizer_path: str):
         super().__init__()
-        self.cfg = section(config, self.SECTION)
+        self.cfg = reward
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(config.model.path)
-        spec = self.cfg.get("function")
-        self.manager = None if not spec else RewardManager(
-            spec, fallback_score=float(self.cfg.get("fallback_score", 0.0)), strict=bool(self.cfg.get("strict", False)),
-            num_workers=int(self.cfg.get("num_workers", 1)))
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.manager = None if not reward.function else RewardManager(
+            reward.function, fallback_score=reward.fallback_score, strict=reward.strict,
+            num_workers=reward.num_workers)
         self.model = None
-        if self.cfg.get("model_path"):
+        if reward.model_path:
             self.init_distributed()
-            self.model = build_engine(self.cfg["model_path"], self.cfg, model_type="value", trainable=False)
+            self.model = build_engine(reward.model_path, reward, model_type="value", trainable=False)
         if self.manager is None and self.model is None:
             raise ValueError(f"{self.SECTION}: set {self.SECTION}.function (e.g. builtin:exact_match) and/or "
                              f"{self.SECTION}.model_path")
+
+    @classmethod
+    def role(cls, s: RLSettings) -> Role:
+        return Role(cls, getattr(s, cls.SECTION), tokenizer_path=s.model.path)
 
     def decode_responses(self, data: DataProto) -> list[str]:
         lengths = data.batch["response_mask"].sum(-1).long().tolist()

@@ -20,9 +20,12 @@ import torch
 import torch.nn.functional as F
 from tensordict import TensorDict
 
-from hybridflow import DataProto, Dispatch, Worker, register
+import dataclasses
+
+from hybridflow import DataProto, Dispatch, Role, Worker, register
 from hybridflow.trainer.algos import get_preference_loss
-from hybridflow.workers.roles.common import EngineStateMixin, build_engine, section
+from hybridflow.trainer.settings import RewardModelSettings, RMObjective, TrainSettings
+from hybridflow.workers.roles.common import EngineStateMixin, build_engine
 
 SIDES = ("chosen", "rejected")
 
@@ -49,26 +52,32 @@ def interleave_pairs(batch: TensorDict, pad_token_id: int = 0) -> TensorDict:
 
 
 class RewardModelWorker(EngineStateMixin, Worker):
-    def __init__(self, config):
+    """``optim``: the engine (``micro_batch_size`` counts pairs); ``rm``: the preference loss."""
+
+    def __init__(self, optim: TrainSettings, rm: RMObjective, *, model_path: str, total_steps: int, seed: int):
         super().__init__()
         self.init_distributed()
-        optim = section(config, "optim")
-        if optim.get("max_tokens_per_micro_batch") or optim.get("forward_max_tokens_per_micro_batch"):
+        options = optim.engine_options
+        if optim.max_tokens_per_micro_batch or options.get("forward_max_tokens_per_micro_batch"):
             raise ValueError("optim.max_tokens_per_micro_batch: reward-model training keeps the two sides of a pair "
                              "in one micro-batch, which token packing cannot; set optim.micro_batch_size (pairs)")
-        for key in ("micro_batch_size", "forward_micro_batch_size"):  # pairs → sequences
-            if optim.get(key):
-                optim[key] = 2 * int(optim[key])
-        self.rm_cfg = section(config, "rm")
-        self.loss = get_preference_loss(self.rm_cfg.get("loss", "bradley_terry"))
-        self.engine = build_engine(config.model.path, optim, model_type="value", total_steps=config.trainer.steps,
-                                   seed=int(config.get("seed", 0)))
+        pairs_to_rows = {"forward_micro_batch_size": 2 * int(options["forward_micro_batch_size"])} \
+            if options.get("forward_micro_batch_size") else {}
+        optim = dataclasses.replace(optim, engine_options={**options, **pairs_to_rows},
+                                    micro_batch_size=2 * optim.micro_batch_size if optim.micro_batch_size else None)
+        self.rm_cfg = rm
+        self.loss = get_preference_loss(rm.loss)
+        self.engine = build_engine(model_path, optim, model_type="value", total_steps=total_steps, seed=seed)
         tokenizer = self.engine.tokenizer
         self.pad_token_id = int(tokenizer.pad_token_id or 0) if tokenizer is not None else 0
 
+    @classmethod
+    def role(cls, s: RewardModelSettings) -> Role:
+        return Role(cls, s.optim, s.rm, model_path=s.model.path, total_steps=s.trainer.steps, seed=s.seed)
+
     @register(dispatch=Dispatch.DP_COMPUTE_PROTO)
     def train_step(self, data: DataProto) -> DataProto:
-        margin = float(self.rm_cfg.get("margin", 0.0))
+        margin = self.rm_cfg.margin
 
         def loss_fn(mb, out):
             scores = last_token_scores(out["values"], mb["attention_mask"])

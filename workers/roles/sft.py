@@ -5,16 +5,20 @@
 ``loss = −Σ loss_mask·log p(x_{t+1} | x_≤t) / Σ loss_mask`` (token mean over the global batch)."""
 from __future__ import annotations
 
-from hybridflow import DataProto, Dispatch, Worker, register
-from hybridflow.workers.roles.common import EngineStateMixin, build_engine, section
+from hybridflow import DataProto, Dispatch, Role, Worker, register
+from hybridflow.trainer.settings import SFTSettings, TrainSettings
+from hybridflow.workers.roles.common import EngineStateMixin, build_engine
 
 
 class SFTWorker(EngineStateMixin, Worker):
-    def __init__(self, config):
+    def __init__(self, optim: TrainSettings, *, model_path: str, total_steps: int, seed: int):
         super().__init__()
         self.init_distributed()
-        self.engine = build_engine(config.model.path, section(config, "optim"), total_steps=config.trainer.steps,
-                                   seed=int(config.get("seed", 0)))
+        self.engine = build_engine(model_path, optim, total_steps=total_steps, seed=seed)
+
+    @classmethod
+    def role(cls, s: SFTSettings) -> Role:
+        return Role(cls, s.optim, model_path=s.model.path, total_steps=s.trainer.steps, seed=s.seed)
 
     @register(dispatch=Dispatch.DP_COMPUTE_PROTO)
     def train_step(self, data: DataProto) -> DataProto:

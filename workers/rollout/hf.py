@@ -129,6 +129,6 @@ class HFRollout(Rollout):
                                     ignore_eos=ignore_eos)
 
 
-def from_engine(engine, rollout_cfg: dict, config=None) -> HFRollout:
+def from_engine(engine, rollout=None, seed: int = 0) -> HFRollout:
     """``rollout.backend=hf``: generate on the engine's own (possibly FSDP2-sharded) module."""
     return HFRollout(engine.module, engine.tokenizer, engine.device)

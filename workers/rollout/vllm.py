@@ -267,28 +267,22 @@ def _head_size(model_path: str) -> Optional[int]:
     return None
 
 
-def from_engine(engine, rollout_cfg: dict, config=None) -> VLLMRollout:
-    """``rollout.backend=vllm``: an engine on ``model.path`` for this rank. ``max_model_len``
-    defaults to ``data.max_prompt_length + rollout.max_new_tokens``; the seed is ``seed + rank``;
-    ``VLLM_CACHE_ROOT`` defaults to ``<trainer.run_dir>/vllm_cache``."""
-    opts = dict(rollout_cfg.get("vllm") or {})
-    model_path = str(config.model.path) if config is not None else getattr(engine.config, "model_path")
+def from_engine(engine, rollout, seed: int = 0) -> VLLMRollout:
+    """``rollout.backend=vllm``: an engine on the actor's checkpoint for this rank, with
+    ``rollout.vllm`` (``max_model_len`` and ``cache_dir`` resolved on the controller); the seed is
+    ``seed + rank``."""
+    opts = rollout.vllm
+    model_path = str(getattr(engine.config, "model_path"))
     VLLMRollout._check_model(model_path)
     if engine.device.type != "cuda":
         head = _head_size(model_path)
         if head is not None and head not in CPU_HEAD_SIZES:
             raise ValueError(f"rollout.backend=vllm: vLLM's CPU attention supports head sizes {CPU_HEAD_SIZES}; "
                              f"the model at {model_path!r} has head size {head} (hidden_size / num_attention_heads)")
-    max_len = opts.pop("max_model_len", None)
-    if max_len is None:
-        prompt_len = config.data.get("max_prompt_length") if config is not None and "data" in config else None
-        if prompt_len is None:
-            raise ValueError("rollout.vllm.max_model_len: set it, or data.max_prompt_length "
-                             "(the default is max_prompt_length + rollout.max_new_tokens)")
-        max_len = int(prompt_len) + int(rollout_cfg.get("max_new_tokens", 1))
-    cache_root = None
-    if config is not None and config.get("trainer") is not None and config.trainer.get("run_dir"):
-        cache_root = os.path.abspath(os.path.join(str(config.trainer.run_dir), "vllm_cache"))
-    seed = int(config.get("seed", 0)) if config is not None else 0
-    return VLLMRollout(model_path, device=engine.device, max_model_len=max_len, seed=seed + engine.rank,
-                       cache_root=cache_root, tokenizer=engine.tokenizer, **opts)
+    if opts.max_model_len is None:
+        raise ValueError("rollout.vllm.max_model_len: set it, or data.max_prompt_length "
+                         "(the default is max_prompt_length + rollout.max_new_tokens)")
+    options = {k: getattr(opts, k) for k in ("kv_cache_gib", "gpu_memory_utilization", "sleep", "enforce_eager",
+                                             "dtype")}
+    return VLLMRollout(model_path, device=engine.device, max_model_len=opts.max_model_len, seed=seed + engine.rank,
+                       cache_root=opts.cache_dir, tokenizer=engine.tokenizer, **options)
