@@ -22,7 +22,7 @@ def nll(mb, outputs):
 
 
 def full_params(engine):  # collective: every rank calls
-    return {k: v.full_tensor().detach().clone() for k, v in engine.module.state_dict().items()}
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in engine.module.state_dict().items()}
 
 
 def main(ckpt, work):

@@ -13,7 +13,8 @@ SGD_LIKE = {"lr": 1.0, "eps": 1.0, "weight_decay": 0.0, "grad_clip": None}
 
 
 def full_params(engine):
-    return {k: v.full_tensor().detach().clone() for k, v in engine.module.state_dict().items()}
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+            for k, v in engine.module.state_dict().items()}
 
 
 def assert_params_close(a, b, atol=2e-6):
@@ -303,3 +304,30 @@ def test_packed_train_step_equals_padded(tiny_ckpt, make_rl_batch, nll_loss):
         assert_params_close(params, results[0][0], atol=5e-6)
         assert metrics["loss"] == pytest.approx(results[0][1]["loss"], rel=1e-5)
         assert metrics["grad_norm"] == pytest.approx(results[0][1]["grad_norm"], rel=1e-5)
+
+
+def test_one_rank_keeps_the_plain_module_with_the_same_numerics(tiny_ckpt, make_rl_batch, nll_loss, tmp_path):
+    """One fp32 rank keeps the HF module unwrapped (shard_single_rank=False): the same forward, the
+    same update as the FSDP2-wrapped engine, and DCP checkpoints load across the two forms."""
+    from torch.distributed.fsdp import FSDPModule
+
+    plain = FSDPEngine({"model_path": tiny_ckpt, **SGD_LIKE})
+    wrapped = FSDPEngine({"model_path": tiny_ckpt, **SGD_LIKE, "shard_single_rank": True})
+    assert not plain.sharded and not isinstance(plain.module, FSDPModule)
+    assert wrapped.sharded and isinstance(wrapped.module, FSDPModule)
+    batch = make_rl_batch([6, 3, 5, 2], [5, 2, 4, 1])
+    torch.testing.assert_close(plain.forward(batch)["log_probs"], wrapped.forward(batch)["log_probs"], atol=1e-6, rtol=0)
+    for _ in range(2):
+        a, b = plain.train_batch(batch, nll_loss), wrapped.train_batch(batch, nll_loss)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    assert_params_close(full_params(plain), full_params(wrapped))
+    plain.save_checkpoint(str(tmp_path / "plain"))
+    fresh = FSDPEngine({"model_path": tiny_ckpt, **SGD_LIKE, "shard_single_rank": True})
+    fresh.load_checkpoint(str(tmp_path / "plain"))  # a plain checkpoint into an FSDP2 engine ...
+    assert_params_close(full_params(fresh), full_params(plain))
+    wrapped.save_checkpoint(str(tmp_path / "wrapped"))
+    back = FSDPEngine({"model_path": tiny_ckpt, **SGD_LIKE})
+    back.load_checkpoint(str(tmp_path / "wrapped"))  # ... and the other way
+    assert_params_close(full_params(back), full_params(wrapped))
+    assert back.train_batch(batch, nll_loss)["grad_norm"] == pytest.approx(
+        wrapped.train_batch(batch, nll_loss)["grad_norm"], rel=1e-5)  # the optimizer state came along

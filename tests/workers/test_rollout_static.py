@@ -33,7 +33,8 @@ def _prompts(tokenizer, texts=TEXTS):
 
 @pytest.fixture(scope="module")
 def engine(tiny_ckpt):
-    return FSDPEngine({"model_path": tiny_ckpt})
+    """An FSDP2-wrapped engine (one rank keeps the plain module unless asked: shard_single_rank)."""
+    return FSDPEngine({"model_path": tiny_ckpt, "shard_single_rank": True})
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +154,20 @@ def test_weight_copy_equals_the_shared_module(engine, prompts, static):
             assert copy._copy.state_dict()["model.norm.weight"].data_ptr() == first.data_ptr()  # storage kept
         finally:
             engine.module.model.norm.weight.to_local().div_(1.5)
+
+
+def test_a_plain_single_rank_module_decodes_on_itself(tiny_ckpt, prompts, engine):
+    """The default one-rank fp32 engine keeps the plain HF module: ``auto`` decodes on it (no copy),
+    with the same tokens and log-probs as on the FSDP2-wrapped engine."""
+    plain = FSDPEngine({"model_path": tiny_ckpt})
+    assert not plain.sharded and engine.sharded
+    rollout = StaticRollout(plain.module, plain.tokenizer, plain.device)
+    assert not rollout.gather_weights
+    opts = dict(n=2, temperature=0.8, top_p=0.95, max_new_tokens=8, seed=5)
+    out = rollout.generate(prompts, **opts)
+    _same_output(out, StaticRollout(engine.module, engine.tokenizer, engine.device).generate(prompts, **opts))
+    torch.testing.assert_close(out["rollout_log_probs"], plain.forward(out, temperature=0.8)["log_probs"],
+                               atol=1e-5, rtol=0)
 
 
 def test_grouped_attention_equals_repeated_kv_and_is_used_only_during_the_call(tiny_ckpt, prompts, static):

@@ -7,6 +7,10 @@ parameters are fp32 master copies; with a bf16/fp16 compute ``dtype`` a
 ``MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=float32)`` casts them for compute.
 
 Every rank loads the full checkpoint on CPU before sharding (simple; fine up to a few B params).
+A group of one rank computing in fp32 keeps the plain module (``shard_single_rank=False``, the
+default): FSDP2 would shard nothing there, and its per-layer hooks and DTensor parameters (every
+optimizer op dispatched through DTensor) cost more than a small model's compute. The math is the
+same; checkpoints (DCP) load across both forms.
 
 Data parallelism: each rank gets its local shard of the batch. FSDP2 averages gradients over the
 ``D`` ranks, so :meth:`FSDPEngine.train_batch` scales each micro-batch loss by
@@ -51,9 +55,13 @@ _VIEW_WARNING = r"FSDP2-wrapped module .* returned a view tensor"
 class FSDPEngineConfig(EngineConfig):
     """:class:`EngineConfig` keys plus ``reshard_after_forward`` (True: free the gathered layer
     weights after each forward and gather again in backward — ZeRO-3; False: keep them — ZeRO-2,
-    more memory, less communication)."""
+    more memory, less communication) and ``shard_single_rank`` (False: a group of one rank whose
+    compute dtype is the fp32 of the master weights keeps the plain module — FSDP2 would shard
+    nothing there, and its hooks and DTensor parameters cost more than the compute of a small
+    model; True: wrap it anyway)."""
 
     reshard_after_forward: bool = True
+    shard_single_rank: bool = False
 
 
 def _load_tokenizer(path: str):
@@ -89,7 +97,8 @@ class FSDPEngine(TrainEngine):
         self._keeps_logits = "logits_to_keep" in inspect.signature(type(model).forward).parameters
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self._module = self._shard(model)
+        self.sharded = self._world > 1 or self._dtype != torch.float32 or cfg.shard_single_rank
+        self._module = self._shard(model) if self.sharded else self._plain(model)
 
         decay, no_decay = [], []
         for p in self._module.parameters():
@@ -121,6 +130,18 @@ class FSDPEngine(TrainEngine):
             hf_config.classifier_dropout = 0.0
             return AutoModelForTokenClassification.from_pretrained(cfg.model_path, config=hf_config, **kwargs)
 
+    def _layers(self, model: torch.nn.Module) -> list:
+        names = set(getattr(model, "_no_split_modules", None) or [])
+        return [m for m in model.modules() if type(m).__name__ in names]
+
+    def _plain(self, model: torch.nn.Module) -> torch.nn.Module:
+        """One rank, fp32: the HF module itself on the device (see ``shard_single_rank``)."""
+        model = model.to(self._device)
+        if self.config.compile:
+            for layer in self._layers(model):
+                layer.forward = torch.compile(layer.forward)
+        return model
+
     def _shard(self, model: torch.nn.Module) -> torch.nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -128,10 +149,8 @@ class FSDPEngine(TrainEngine):
         self._mesh = init_device_mesh(self._device.type, (self._world,))
         mp = (MixedPrecisionPolicy(param_dtype=self._dtype, reduce_dtype=torch.float32)
               if self._dtype != torch.float32 else MixedPrecisionPolicy())
-        layer_names = set(getattr(model, "_no_split_modules", None) or [])
-        layers = [m for m in model.modules() if type(m).__name__ in layer_names]
         kw = {"mesh": self._mesh, "mp_policy": mp, "reshard_after_forward": self.config.reshard_after_forward}
-        for layer in layers:
+        for layer in self._layers(model):
             fully_shard(layer, **kw)
             if self.config.compile:  # the forward only: FSDP2's hooks around it stay eager
                 layer.forward = torch.compile(layer.forward)
