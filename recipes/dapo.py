@@ -25,7 +25,7 @@ import sys
 from hybridflow import DataProto
 from hybridflow.config import ConfigError, parse_cli
 from hybridflow.trainer.algos.shaping import add_overlong_penalty, groups_with_signal
-from hybridflow.trainer.rl import compute_advantages
+from hybridflow.trainer.rl import add_old_log_probs, compute_advantages
 from hybridflow.trainer.run import RLRun
 from hybridflow.trainer.settings import DynamicSampling, OverlongBuffer
 from hybridflow.workers import build_workers
@@ -67,8 +67,7 @@ def main(argv=None):
         if len(batch) == 0:                            # no group with signal in max_gen_rounds: no update
             step.log(gen, stats)
             continue
-        with step.stage("old_log_prob"):
-            batch.union(actor.compute_log_prob(batch))
+        add_old_log_probs(step, actor, batch)          # the old_log_prob stage, unless the update supplies π_old
         with step.stage("adv"):
             stats.update(compute_advantages(batch, s.algorithm))  # no KL in the reward: no metrics
         with step.stage("update_actor"):

@@ -20,16 +20,25 @@ def assign_uids(prompts: DataProto, step: int) -> DataProto:
 
 
 def sample_and_score(step, actor, reward, prompts: DataProto | None = None) -> DataProto:
-    """How every on-policy dataflow starts, as three timed stages of ``step``: ``gen`` (``rollout.n``
+    """How every on-policy dataflow starts, as timed stages of ``step``: ``gen`` (``rollout.n``
     samples of each prompt, default ``step.prompts``), ``reward`` (``token_level_scores``, the
-    reward's metrics in ``meta_info``) and ``old_log_prob`` (the actor's log-probs before the
-    update). Returns the batch."""
+    reward's metrics in ``meta_info``) and the actor's log-probs before the update
+    (:func:`add_old_log_probs`). Returns the batch."""
     with step.stage("gen"):
         batch = actor.generate(step.prompts if prompts is None else prompts)
     with step.stage("reward"):
         batch.union(reward.compute_rewards(batch))
-    with step.stage("old_log_prob"):
-        batch.union(actor.compute_log_prob(batch))
+    return add_old_log_probs(step, actor, batch)
+
+
+def add_old_log_probs(step, actor, batch: DataProto) -> DataProto:
+    """The ``old_log_prob`` stage (``old_log_probs``, the π_old of the ratio) when the run's
+    ``actor.old_log_prob`` resolved to ``recompute``; with ``update`` or ``rollout`` the update
+    takes π_old from its own forward or from ``rollout_log_probs`` and nothing runs here
+    (trainer/settings.py, ``OLD_LOG_PROB``)."""
+    if step.run.settings.actor.old_log_prob == "recompute":
+        with step.stage("old_log_prob"):
+            batch.union(actor.compute_log_prob(batch))
     return batch
 
 

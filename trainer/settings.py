@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Literal, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from hybridflow.config import ConfigError, bind, collect, unknown_key_message
+from hybridflow.imports import load_object
 
 # Names of the config contract; workers/ maps each to its implementation (a test checks they agree).
 ROLLOUT_BACKENDS = ("hf", "static", "vllm")
@@ -83,6 +84,7 @@ class ActorSettings(TrainSettings):
     kl_loss_type: str
     rollout_is: bool
     rollout_is_cap: float
+    old_log_prob: Literal["auto", "recompute", "update", "rollout"]   # π_old of the ratio: see OLD_LOG_PROB
 
     def loss_options(self) -> dict:
         """The keyword arguments of the policy loss: the clip settings, the aggregation, then
@@ -240,6 +242,7 @@ class TrainerSettings:
     resume: Any                           # auto | never | path/to/checkpoints/step_k (null/false: never)
     export_hf: bool
     plot: bool
+    callbacks: List[str]                  # specs of classes with on_step_begin / on_step_end (trainer/run.py)
 
 
 @_settings
@@ -412,6 +415,35 @@ def typed_rl_settings(cfg: Any) -> RLSettings:
     return bind(RLSettings, raw)
 
 
+OLD_LOG_PROB = """Where the update's π_old comes from (``actor.old_log_prob``):
+- ``recompute``: a forward pass of the actor before the update (the ``old_log_prob`` stage);
+- ``update``: the update's own forward, detached. Exact when each row feeds exactly one optimizer
+  step (``ppo_epochs`` 1, one mini-batch per step: the ratio is then 1 by construction), and when
+  nothing reads π_old before the update (no KL in the reward, no ``rollout_is``);
+- ``rollout``: the rollout's log-probs (bypass; a speed win when rollout and trainer agree, which
+  the ``rollout_corr/*`` metrics show);
+- ``auto``: ``update`` where it is exact, else ``recompute``."""
+
+
+def _old_log_prob(s: RLSettings) -> str:
+    """``actor.old_log_prob`` resolved (see OLD_LOG_PROB): ``auto`` decided, the others checked."""
+    a = s.actor
+    one_step = a.ppo_epochs == 1 and s.data.batch_size * s.rollout.n <= a.ppo_mini_batch_size
+    reads_old = ("algorithm.use_kl_in_reward" if s.algorithm.use_kl_in_reward else
+                 "actor.rollout_is" if a.rollout_is else None)
+    if a.old_log_prob == "auto":
+        return "update" if one_step and reads_old is None else "recompute"
+    if a.old_log_prob == "update" and not one_step:
+        raise ConfigError("actor.old_log_prob=update: each row must feed exactly one optimizer step (actor.ppo_epochs 1 "
+                          "and data.batch_size × rollout.n ≤ actor.ppo_mini_batch_size); use recompute or auto")
+    if a.old_log_prob in ("update", "rollout") and reads_old == "actor.rollout_is":
+        raise ConfigError(f"actor.old_log_prob={a.old_log_prob}: actor.rollout_is needs the recomputed π_old; "
+                          "use recompute or auto")
+    if a.old_log_prob == "update" and reads_old:
+        raise ConfigError(f"actor.old_log_prob=update: {reads_old} reads π_old before the update; use recompute or auto")
+    return a.old_log_prob
+
+
 def rl_settings(cfg: Any, *, check_data: bool = True) -> RLSettings:
     """The typed, checked settings of an RL run (see the module docstring); ``check_data=False``
     for a caller that brings its own prompts (the benchmarks): ``data.train``/``val`` may be absent."""
@@ -453,7 +485,7 @@ def rl_settings(cfg: Any, *, check_data: bool = True) -> RLSettings:
     policy_loss = registry_value(POLICY_LOSSES, s.actor.policy_loss, "actor.policy_loss")
     check_options(POLICY_LOSSES.resolve(policy_loss), s.actor.policy_loss_args, "actor.policy_loss_args")
     actor = dataclasses.replace(
-        s.actor, policy_loss=policy_loss,
+        s.actor, policy_loss=policy_loss, old_log_prob=_old_log_prob(s),
         loss_agg_mode=registry_value(AGG_MODES, s.actor.loss_agg_mode, "actor.loss_agg_mode"),
         kl_loss_type=registry_value(KL_PENALTIES, s.actor.kl_loss_type, "actor.kl_loss_type"))
     critics = {name: dataclasses.replace(c, loss_agg_mode=registry_value(AGG_MODES, c.loss_agg_mode,
@@ -461,6 +493,8 @@ def rl_settings(cfg: Any, *, check_data: bool = True) -> RLSettings:
                for name, c in (("critic", s.critic), ("cost_critic", s.cost_critic)) if c is not None}
     registry_value(KL_PENALTIES, s.algorithm.kl_penalty, "algorithm.kl_penalty")
 
+    for i, spec in enumerate(s.trainer.callbacks):  # each names a class (built by RLRun); loadable now
+        load_object(_absolute_spec(spec), what=f"trainer.callbacks[{i}]", error=ConfigError)
     vllm = s.rollout.vllm
     vllm = dataclasses.replace(
         vllm, max_model_len=vllm.max_model_len or s.data.max_prompt_length + s.rollout.max_new_tokens,
@@ -469,6 +503,7 @@ def rl_settings(cfg: Any, *, check_data: bool = True) -> RLSettings:
                 for name, section in rewards.items()}
     return dataclasses.replace(
         s, actor=actor, critic=critics["critic"], cost_critic=critics.get("cost_critic"),
+        trainer=dataclasses.replace(s.trainer, callbacks=[_absolute_spec(c) for c in s.trainer.callbacks]),
         algorithm=dataclasses.replace(s.algorithm, adv_estimator=estimator),
         rollout=dataclasses.replace(s.rollout, vllm=vllm), reward=resolved["reward"], cost=resolved.get("cost"))
 

@@ -12,7 +12,8 @@ from .conftest import RECIPES, read_rows, run_recipe, train_rows
 pytestmark = pytest.mark.ray
 
 CONTRACT = ("step", "reward/mean", "response_length/mean", "timing/step_s", "throughput/tokens_per_s")
-GRPO_STAGES = ("gen", "reward", "old_log_prob", "ref", "adv", "update_actor")
+# no old_log_prob stage: one optimizer step per batch, so π_old comes from the update (actor.old_log_prob=auto)
+GRPO_STAGES = ("gen", "reward", "ref", "adv", "update_actor")
 
 
 def test_grpo_ray_two_ranks(assets, tmp_path, ray_e2e, runs):
@@ -35,6 +36,7 @@ def test_grpo_ray_two_ranks(assets, tmp_path, ray_e2e, runs):
         # both ranks' rows came back: 8 prompts x 4 samples
         assert row["throughput/total_tokens"] >= 8 * 4 * (row["prompt_length/mean"] + row["response_length/mean"]) - 1e-6
         assert row["actor/grad_norm"] > 0
+        assert row["actor/old_log_prob_from_update"] == 1.0 and "timing/old_log_prob_s" not in row
     assert [r["step"] for r in read_rows(tmp_path)] == [0, 1, 2, 3, 3]  # val at 0, 2 (in step 2's row), final at 3
     assert "val/reward/mean" in read_rows(tmp_path)[-1]
     assert (tmp_path / "reward_curve.png").stat().st_size > 0

@@ -229,3 +229,26 @@ def test_safe_rlhf_cost_sections_start_from_reward_and_critic(run_files):
     assert s.cost.function == "builtin:foreign_digit" and s.cost.fallback_score == s.reward.fallback_score
     assert s.cost_critic.grad_clip == 0.5 and s.cost_critic.cliprange_value == 0.5
     assert s.algorithm.section("lagrange")["threshold"] == 0.2
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ((), "update"),                                                   # 32 × 8 rows, one mini-batch of 256, one epoch
+    (("actor.ppo_epochs=2",), "recompute"),                           # the second epoch is off-policy
+    (("actor.ppo_mini_batch_size=128",), "recompute"),                # two optimizer steps per batch
+    (("algorithm.use_kl_in_reward=true",), "recompute"),              # the reward reads π_old before the update
+    (("actor.rollout_is=true",), "recompute"),                        # so do the IS weights
+    (("actor.old_log_prob=recompute",), "recompute"),
+    (("actor.old_log_prob=rollout", "actor.ppo_epochs=2"), "rollout"),
+])
+def test_old_log_prob_auto_picks_the_update_only_where_it_is_exact(run_files, overrides, expected):
+    assert grpo(run_files, *overrides).actor.old_log_prob == expected
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    (("actor.old_log_prob=update", "actor.ppo_epochs=2"), "exactly one optimizer step"),
+    (("actor.old_log_prob=update", "algorithm.use_kl_in_reward=true"), "use_kl_in_reward reads π_old"),
+    (("actor.old_log_prob=rollout", "actor.rollout_is=true"), "rollout_is needs the recomputed"),
+])
+def test_old_log_prob_refuses_a_source_that_would_be_wrong(run_files, overrides, pattern):
+    with pytest.raises(ConfigError, match=f"actor.old_log_prob=.*{pattern}"):
+        grpo(run_files, *overrides)

@@ -13,7 +13,9 @@ Methods (all ``MESH_PROTO`` on the mesh ``"actor"``: each rank gets its data-par
   actor.rollout_is_cap)`` that ``update`` passes to the policy loss.
 - ``update(batch)``: ``ppo_epochs`` × mini-batches of the chosen policy loss
   (``actor.policy_loss``), minus ``entropy_coeff`` × entropy, plus ``kl_loss_coef`` × KL to the
-  reference when ``use_kl_loss``. Afterwards the rollout backend takes the new weights
+  reference when ``use_kl_loss``. π_old is the batch's ``old_log_probs``, or, without them
+  (``actor.old_log_prob`` = ``update`` / ``rollout``), this forward's log-probs detached or the
+  rollout's; the update then reports the ``rollout_corr/*`` metrics and ``actor/kl_ref`` itself. Afterwards the rollout backend takes the new weights
   (``rollout.sync_weights``; a no-op for hf); its metrics (``rollout/*``) come with the update's.
 
 A rollout backend with its own weight copy (vLLM) is synced before the first generation too (and
@@ -23,8 +25,10 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
+
 from hybridflow import DataProto, Dispatch, Role, Worker, register
-from hybridflow.trainer.algos import accepted_options, agg_loss, get_policy_loss, kl_penalty
+from hybridflow.trainer.algos import accepted_options, agg_loss, get_policy_loss, kl_penalty, masked_mean
 from hybridflow.trainer.settings import ActorSettings, RLSettings, RolloutSettings
 from hybridflow.workers.rollout import build_rollout
 from hybridflow.workers.rollout.mismatch import rollout_mismatch_metrics, truncated_is_weights
@@ -109,6 +113,24 @@ class ActorWorker(EngineStateMixin, Worker):
     def _temperature(self, data: DataProto) -> float:
         return float(data.meta_info.get("temperature", self.rollout_cfg.temperature))
 
+    def _old_log_probs(self, mb, out) -> tuple[torch.Tensor, dict]:
+        """π_old of a micro-batch: the recomputed ``old_log_probs`` when the batch has them, else
+        (``actor.old_log_prob`` = ``update`` or ``rollout``) this forward's log-probs detached or the
+        rollout's; then also the metrics the ``old_log_prob`` stage would have reported."""
+        if "old_log_probs" in mb.keys():
+            return mb["old_log_probs"], {}
+        source = self.cfg.old_log_prob
+        if source == "recompute":
+            raise KeyError("actor.update: the batch has no 'old_log_probs' and actor.old_log_prob is recompute; "
+                           "call actor.compute_log_prob first (trainer/rl.py: add_old_log_probs)")
+        current, mask = out["log_probs"].detach(), mb["response_mask"]
+        metrics = {f"actor/old_log_prob_from_{source}": 1.0}
+        if "rollout_log_probs" in mb.keys():
+            metrics.update(rollout_mismatch_metrics(mb["rollout_log_probs"], current, mask))
+        if "ref_log_probs" in mb.keys():  # what compute_data_metrics reports from old_log_probs otherwise
+            metrics["actor/kl_ref"] = float(masked_mean(current - mb["ref_log_probs"], mask))
+        return (current if source == "update" else mb["rollout_log_probs"]), metrics
+
     @register(dispatch=Dispatch.MESH_PROTO, mesh="actor")
     def update(self, data: DataProto) -> DataProto:
         cfg = self.cfg
@@ -119,9 +141,10 @@ class ActorWorker(EngineStateMixin, Worker):
             # seq-mean-token-sum-norm: mean over rows of (token sum / R), so micro-batches weigh by rows
             norm = mask.shape[0] * mask.shape[1] if mode == "seq-mean-token-sum-norm" else None
             extra = {"rollout_is_weights": mb["rollout_is_weights"]} if "rollout_is_weights" in mb.keys() else {}
-            loss, metrics = self.policy_loss(mb["old_log_probs"], out["log_probs"], mb["advantages"], mask,
+            old, old_metrics = self._old_log_probs(mb, out)
+            loss, metrics = self.policy_loss(old, out["log_probs"], mb["advantages"], mask,
                                              **self.loss_options, norm_constant=norm, **extra)
-            metrics = {k: float(v) for k, v in metrics.items()}
+            metrics = {**{k: float(v) for k, v in metrics.items()}, **old_metrics}
             metrics["actor/pg_loss"] = loss.item()
             entropy = agg_loss(out["entropy"], mask, mode, norm)
             metrics["actor/entropy"] = entropy.item()
@@ -133,7 +156,7 @@ class ActorWorker(EngineStateMixin, Worker):
             return loss, metrics
 
         keys = ["input_ids", "attention_mask", "position_ids", "responses", "response_mask", "old_log_probs",
-                "advantages", "ref_log_probs", "rollout_is_weights"]
+                "rollout_log_probs", "advantages", "ref_log_probs", "rollout_is_weights"]
         out = run_updates(self.engine, data, keys, loss_fn, cfg, dp_size=self.dp_size, prefix="actor",
                           temperature=self._temperature(data), with_entropy=True)
         self._sync_rollout()  # the rollout engine takes the new weights (no-op for hf)
