@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import os
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from hybridflow import DataProto
+from hybridflow.imports import load_object
 from hybridflow.worker import WORKER_PROCESS_ENV
 from hybridflow.trainer.algos import make_kl_controller
 from hybridflow.trainer.checkpoint import CheckpointManager, resolve_resume
@@ -117,6 +119,8 @@ class RLRun:
         self.controllers: dict = {}
         self.tracker: Tracker | None = None
         self.bar: tqdm | None = None
+        self._started: float | None = None
+        self.callbacks = [load_object(spec, what="trainer.callbacks")() for spec in s.trainer.callbacks]
 
     # ------------------------------------------------------------------ set-up
     def attach(self, controllers: dict | None = None, **groups) -> None:
@@ -155,8 +159,10 @@ class RLRun:
         """The training steps, until ``trainer.steps`` (:class:`Step` each, timed as
         ``timing/step_s``); after each step's body: :meth:`end_step` with what it logged."""
         self.bar = tqdm(total=self.settings.trainer.steps, initial=self.step, desc="steps", dynamic_ncols=True)
+        self._started = time.perf_counter()
         while self.step < self.settings.trainer.steps:
             self.step += 1
+            self._call_back("on_step_begin", self.step)
             step = Step(self, self.step)
             with self.timer("step"):
                 yield step
@@ -165,6 +171,13 @@ class RLRun:
                                    "its batch (even a step that makes no update)")
             batch, sources = step.logged
             self.end_step(batch, *sources)
+
+    def _call_back(self, event: str, *args) -> None:
+        """``trainer.callbacks``: ``on_step_begin(run, step)`` before a step draws its prompts (outside
+        ``timing/step_s``), ``on_step_end(run, metrics)`` after its metrics are logged."""
+        for callback in self.callbacks:
+            if hasattr(callback, event):
+                getattr(callback, event)(self, *args)
 
     def _draw(self, step: int, round_: int) -> DataProto:
         prompts = self.loader.next_batch()
@@ -187,7 +200,10 @@ class RLRun:
             metrics.update(self.validate())
         if trainer.save_every and self.step % trainer.save_every == 0:
             self.save()
+        now = time.perf_counter()
+        metrics["timing/elapsed_s"] = now - (self._started or now)  # since this process's first step began
         self.tracker.log(metrics, self.step)
+        self._call_back("on_step_end", metrics)
         self.bar.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.3f}",
                              step_s=f"{timing['timing/step_s']:.2f}")
         self.bar.update(1)

@@ -62,3 +62,40 @@ def test_a_step_logs_once(run):
     step.log(step.prompts)
     with pytest.raises(RuntimeError, match="called twice"):
         step.log(step.prompts)
+
+
+CALLBACK_PY = '''
+EVENTS = []
+
+
+class Recorder:
+    def on_step_begin(self, run, step):
+        EVENTS.append(("begin", step, run.loader.steps_taken))
+
+    def on_step_end(self, run, metrics):
+        EVENTS.append(("end", metrics["step"], "timing/step_s" in metrics))
+'''
+
+
+def test_callbacks_named_by_path_see_each_step(tiny_ckpt, tmp_path):
+    """``trainer.callbacks``: on_step_begin before the step draws its prompts, on_step_end with its
+    logged metrics; a spec that does not load fails before anything runs, naming the entry."""
+    from hybridflow.config import ConfigError
+    from hybridflow.imports import load_file
+    from hybridflow.trainer.run import RLRun
+    from hybridflow.trainer.tasks import make_reverse_data
+
+    (tmp_path / "cb.py").write_text(CALLBACK_PY)
+    data = make_reverse_data(tmp_path / "data", n_train=16, n_val=4, n_sft=4)
+    base = [f"model.path={tiny_ckpt}", f"data.train={data['train']}", "data.val=null", "data.batch_size=4",
+            "trainer.steps=2", "trainer.val_before_train=false", "trainer.plot=false"]
+    run = RLRun(load_config(str(RECIPES / "grpo.yaml"), [*base, f"trainer.run_dir={tmp_path / 'run'}",
+                                                          f"trainer.callbacks=[{tmp_path / 'cb.py'}:Recorder]"]))
+    run.attach()
+    for step in run.steps():
+        step.log(step.prompts)
+    events = load_file(tmp_path / "cb.py", "cb").EVENTS
+    assert events == [("begin", 1, 0), ("end", 1, True), ("begin", 2, 1), ("end", 2, True)]
+    with pytest.raises(ConfigError, match=r"trainer.callbacks\[0\].*defines no 'Recordr'"):
+        RLRun(load_config(str(RECIPES / "grpo.yaml"), [*base, f"trainer.run_dir={tmp_path / 'bad'}",
+                                                        f"trainer.callbacks=[{tmp_path / 'cb.py'}:Recordr]"]))

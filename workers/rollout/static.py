@@ -143,9 +143,11 @@ def sample_tokens(logits: torch.Tensor, *, greedy: bool, temperature: float, top
         drop = cumulative <= 1.0 - top_p
         drop[:, -1] = False  # the most likely token always stays
         filtered = filtered.scatter(-1, order, ascending.masked_fill(drop, float("-inf")))
-    probs = filtered.softmax(-1)
-    race = torch.empty_like(probs).exponential_(generator=generator)
-    tokens = (probs / race).argmax(-1)
+    # inverse-CDF draw: one uniform number per row (not one per vocabulary entry), the first token
+    # whose cumulative probability exceeds it; tokens of probability 0 can never be drawn
+    cdf = filtered.softmax(-1).cumsum(-1)
+    u = torch.rand(cdf.shape[0], 1, device=cdf.device, generator=generator) * cdf[:, -1:]
+    tokens = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
     return tokens, log_probs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
