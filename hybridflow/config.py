@@ -68,6 +68,8 @@ def _coerce(default: Any, value: Any, key: str) -> Any:
         raise ConfigError(f"config key {key!r} is a section; set its keys instead (e.g. {key}.<name>=...)")
     if default is None or value is None or isinstance(default, (DictConfig, ListConfig, dict, list)):
         return value
+    if isinstance(default, str) and isinstance(value, (list, ListConfig)):
+        return value  # a key that takes a name or a list (lora.target_modules): the settings' types decide
     return _scalar(type(default), value, key, f" (the default is {default!r})")
 
 

@@ -24,10 +24,10 @@ def clean_registries():
             registry.unregister(name)
 
 
-# Tests marked `vllm` / `megatron` / `ray` need that extra. Without it they are skipped with the
+# Tests marked `vllm` / `megatron` / `ray` / `lora` need that extra. Without it they are skipped with the
 # reason, unless HYBRIDFLOW_REQUIRE_EXTRAS names the extra (CI sets it: a broken install must fail,
 # not skip). The Ray fixtures (ray_cluster, ray_e2e) skip the same way.
-_EXTRA_MODULES = {"vllm": "vllm", "megatron": "megatron.core", "ray": "ray"}
+_EXTRA_MODULES = {"vllm": "vllm", "megatron": "megatron.core", "ray": "ray", "lora": "peft"}
 
 
 def pytest_collection_modifyitems(config, items):

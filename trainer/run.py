@@ -152,7 +152,14 @@ class RLRun:
             self.tracker.log(self.validate(), 0)
 
     def _stateful(self) -> dict:
-        return {n: g for n, g in self.groups.items() if hasattr(g, "save_checkpoint")}
+        """The groups with state to checkpoint, each once (a group may serve two roles: LoRA's
+        actor is also the reference)."""
+        seen, out = set(), {}
+        for name, group in self.groups.items():
+            if hasattr(group, "save_checkpoint") and id(group) not in seen:
+                seen.add(id(group))
+                out[name] = group
+        return out
 
     # ------------------------------------------------------------------ loop
     def steps(self):
@@ -243,7 +250,7 @@ class RLRun:
     def close(self) -> None:
         """Stop the worker groups (Ray processes) and release their pools (idempotent). ``finish``
         leaves them running so that a caller can still use them; a script's exit stops them too."""
-        for group in self.groups.values():
+        for group in {id(g): g for g in self.groups.values()}.values():
             group.shutdown()
         for pool in {id(g.pool): g.pool for g in self.groups.values()}.values():
             pool.shutdown()

@@ -17,6 +17,7 @@ import) live in the settings only.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import inspect
 import os
 from dataclasses import dataclass
@@ -46,6 +47,15 @@ class MegatronLayout:
 
 
 @_settings
+class LoraSettings:
+    """LoRA adapters on a trained model (the ``lora`` extra, ``peft``); ``rank`` 0 is full fine-tuning."""
+    rank: int
+    alpha: float
+    dropout: float
+    target_modules: Any                   # "all-linear" | [module names]
+
+
+@_settings
 class TrainSettings:
     """A trained model's engine: the actor, a critic, the ``optim`` section of SFT and reward-model
     training. Keys that are no field go to the engine as they are (``+actor.attn_implementation=eager``),
@@ -63,7 +73,12 @@ class TrainSettings:
     compile: bool
     gradient_checkpointing: bool
     dtype: str
+    lora: Optional[LoraSettings] = None   # None: full fine-tuning (a section without one)
     engine_options: Dict[str, Any] = collect()
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.lora is not None and self.lora.rank > 0
 
 
 @_settings
@@ -108,8 +123,11 @@ class CriticSettings(TrainSettings):
 @_settings
 class RefSettings:
     """The ``ref`` section; the reference runs on the actor's engine settings with lr 0, and keys
-    added here override them for the reference only (``+ref.dtype=bf16``)."""
+    added here override them for the reference only (``+ref.dtype=bf16``). With LoRA on the actor
+    and the actor's own base as the reference, ``adapters_off`` makes the actor itself the
+    reference (its module with the adapters off: no second copy)."""
     model_path: Optional[str]             # None: model.path
+    adapters_off: bool
     overrides: Dict[str, Any] = collect()
 
 
@@ -281,9 +299,17 @@ class RLSettings(RunSettings):
         """A role's checkpoint: its own ``model_path``, else ``model.path``."""
         return path or self.model.path
 
+    @property
+    def reference_from_actor(self) -> bool:
+        """The actor serves the reference: LoRA on the actor, the reference is the actor's base
+        (``ref.model_path`` null or ``model.path``) and ``ref.adapters_off``."""
+        return (self.actor.uses_lora and self.ref.adapters_off and not self.ref.overrides
+                and self.ref.model_path in (None, self.model.path))
+
     def reference_engine(self) -> TrainSettings:
-        """The reference's engine: the actor's engine settings with the ``ref`` overrides on top."""
-        keys = [f.name for f in dataclasses.fields(TrainSettings) if f.name != "engine_options"]
+        """The reference's engine: the actor's engine settings (without LoRA) with the ``ref``
+        overrides on top."""
+        keys = [f.name for f in dataclasses.fields(TrainSettings) if f.name not in ("engine_options", "lora")]
         actor = dataclasses.asdict(self.actor)
         merged = {**{k: actor[k] for k in keys}, **actor["engine_options"], **self.ref.overrides}
         if merged["megatron"] is None:
@@ -444,6 +470,23 @@ def _old_log_prob(s: RLSettings) -> str:
     return a.old_log_prob
 
 
+def check_lora(name: str, role: TrainSettings) -> None:
+    """``<name>.lora``: a rank ≥ 0, the fsdp backend and the ``peft`` library when it is > 0."""
+    if role.lora is None:
+        return
+    if role.lora.rank < 0 or role.lora.alpha <= 0 or not 0 <= role.lora.dropout < 1:
+        raise ConfigError(f"{name}.lora: rank must be >= 0 (0: full fine-tuning), alpha > 0 and 0 <= dropout < 1; "
+                          f"got rank={role.lora.rank}, alpha={role.lora.alpha}, dropout={role.lora.dropout}")
+    if not role.uses_lora:
+        return
+    if role.backend == "megatron":
+        raise ConfigError(f"{name}.lora.rank={role.lora.rank}: the megatron engine has no LoRA; use "
+                          f"{name}.backend=fsdp for LoRA (docs/backends.md#lora)")
+    if importlib.util.find_spec("peft") is None:
+        raise ConfigError(f"{name}.lora.rank={role.lora.rank} needs the peft library: pip install -e '.[lora]' "
+                          "(docs/backends.md#lora)")
+
+
 def rl_settings(cfg: Any, *, check_data: bool = True) -> RLSettings:
     """The typed, checked settings of an RL run (see the module docstring); ``check_data=False``
     for a caller that brings its own prompts (the benchmarks): ``data.train``/``val`` may be absent."""
@@ -476,6 +519,11 @@ def rl_settings(cfg: Any, *, check_data: bool = True) -> RLSettings:
         except (FileNotFoundError, ValueError) as err:
             raise ConfigError(f"trainer.resume: {str(err).removeprefix('resume: ')}") from None
 
+    for name, role in (("actor", s.actor), ("critic", s.critic), ("cost_critic", s.cost_critic)):
+        if role is not None:
+            check_lora(name, role)
+    if s.actor.uses_lora and s.rollout.backend == "static" and s.rollout.static.weights == "copy":
+        raise ConfigError("rollout.static.weights=copy cannot hold a LoRA-adapted actor; use shared or auto")
     if s.actor.backend == "megatron" and s.rollout.backend == "static":
         raise ConfigError("rollout.backend: actor.backend=megatron generates with rollout.backend=hf or vllm, "
                           "not static (docs/backends.md#megatron)")
@@ -510,7 +558,9 @@ def rl_settings(cfg: Any, *, check_data: bool = True) -> RLSettings:
 
 def sft_settings(cfg: Any) -> SFTSettings:
     """The typed settings of an SFT run (recipes/sft.yaml)."""
-    return bind(SFTSettings, _container(cfg))
+    s = bind(SFTSettings, _container(cfg))
+    check_lora("optim", s.optim)
+    return s
 
 
 def reward_model_settings(cfg: Any) -> RewardModelSettings:
@@ -518,5 +568,6 @@ def reward_model_settings(cfg: Any) -> RewardModelSettings:
     from hybridflow.trainer.algos import PREFERENCE_LOSSES
 
     s = bind(RewardModelSettings, _container(cfg))
+    check_lora("optim", s.optim)
     return dataclasses.replace(s, rm=dataclasses.replace(s.rm, loss=registry_value(PREFERENCE_LOSSES, s.rm.loss,
                                                                                     "rm.loss")))

@@ -44,17 +44,22 @@ def _check_engines(settings, roles) -> None:
 
 def build_workers(settings, *roles: str, classes: dict | None = None):
     """One WorkerGroup per role (None for a role the run does not need: ``ref`` when no KL term
-    reads it), all colocated on one pool. ``settings``: an :class:`~hybridflow.trainer.settings.RLSettings`
+    reads it; the actor's own group for ``ref`` when the actor's LoRA base is the reference,
+    ``RLSettings.reference_from_actor``), all colocated on one pool. ``settings``: an :class:`~hybridflow.trainer.settings.RLSettings`
     (or SFT / reward-model settings); ``classes`` maps role names to Worker classes (default: the
     built-in roles; recipes may pass their own)."""
     known = {**role_classes(), **(classes or {})}
     unknown = [r for r in roles if r not in known]
     if unknown:
         raise ValueError(f"build_workers: unknown role(s) {unknown}; known: {sorted(known)}")
-    needed = [r for r in roles if not (r == "ref" and not getattr(settings, "needs_reference", True))]
+    skip_ref = not getattr(settings, "needs_reference", True) or (
+        "actor" in roles and getattr(settings, "reference_from_actor", False))
+    needed = [r for r in roles if not (r == "ref" and skip_ref)]
     _check_engines(settings, needed)
     pool = ResourcePool(world_size=settings.world_size, executor=settings.executor,
                         num_cpus_per_worker=settings.num_cpus_per_worker)
     specs = {r: known[r].role(settings) if hasattr(known[r], "role") else Role(known[r], settings) for r in needed}
     groups = WorkerGroup.colocate(pool, **specs)
+    if "ref" in roles and getattr(settings, "needs_reference", True) and skip_ref:
+        groups["ref"] = groups["actor"]  # LoRA: the actor with its adapters off is the reference
     return tuple(groups.get(r) for r in roles)

@@ -44,3 +44,22 @@ def test_variants_and_engine_options_come_from_the_command_line(capsys):
     assert "oops" in capsys.readouterr().err
     with pytest.raises(ValueError, match="no_such_option"):  # the engine names an unknown option
         main(base + ["no_such_option=1"])
+
+
+@pytest.mark.lora
+def test_lora_variants_report_the_training_state_they_save():
+    report = main(["--config", "benchmarks/configs/tiny.yaml", "--rows", "6", "--steps", "1", "--peak-tflops", "0.05",
+                   "--variants", "padded,lora8", "--rounds", "2"])
+    full, lora = report["variants"]["padded"], report["variants"]["lora8"]
+    assert len(full["rounds_s"]) == len(lora["rounds_s"]) == 2
+    shape = report["meta"]["shape"]
+    h, i, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    kv = shape["num_key_value_heads"] * h // shape["num_attention_heads"]
+    linear = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]  # q k v o gate up down: (in, out)
+    assert lora["trainable_params"] == layers * sum(8 * (a + b) for a, b in linear)  # r (in + out) each
+    assert full["trainable_params"] == report["meta"]["params"]
+    assert full["grads_mb"] == pytest.approx(full["params_mb"])  # full fine-tuning: a gradient for every weight
+    assert full["optimizer_state_mb"] == pytest.approx(2 * full["params_mb"])  # AdamW: two moments
+    # LoRA: A (r x in) and B (out x r) per linear layer; 4 bytes each, 1 gradient + 2 moments
+    assert lora["optimizer_state_mb"] == pytest.approx(2 * lora["trainable_params"] * 4 / 1e6)
+    assert lora["params_mb"] > full["params_mb"]  # the adapters come on top of the frozen base

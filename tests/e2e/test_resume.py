@@ -135,3 +135,24 @@ def test_resume_from_a_bad_path_fails_before_workers(assets, tmp_path, no_worker
         run_recipe("grpo", assets.args(tmp_path, f"trainer.resume={path}"))
     assert path in str(info.value) and "resume" in str(info.value)
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.lora
+def test_lora_ppo_resume_restores_the_adapters(assets, tmp_path_factory, monkeypatch):
+    """LoRA on actor and critic (the actor, adapters off, is the KL reference): a resumed run equals
+    the uninterrupted one, and the checkpoint holds each model once (no separate reference)."""
+    common = (assets.reward("parity"), "trainer.save_every=2", "trainer.keep_last=1", "actor.lora.rank=4",
+              "critic.lora.rank=4", "actor.lr=5e-3", "critic.lr=5e-3")
+    run_a, run_b = tmp_path_factory.mktemp("lora_A"), tmp_path_factory.mktemp("lora_B")
+    first = run_recipe("ppo", assets.args(run_a, *common))
+    assert first.groups["ref"] is first.groups["actor"]
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, 3)
+        with pytest.raises(Interrupted):
+            run_recipe("ppo", assets.args(run_b, *common))
+    assert run_recipe("ppo", assets.args(run_b, *common, "trainer.resume=auto")).step == 4
+    want, got = train_rows(run_a), train_rows(run_b)
+    assert want[3]["actor/grad_norm"] > 0 and want[3]["actor/reward_kl_penalty"] != 0  # the adapters moved off the base
+    for step in (3, 4):
+        assert_rows_equal(got[step], want[step], step)
+    assert sorted(p.name for p in (run_b / "checkpoints" / "step_4").iterdir() if p.is_dir()) == ["actor", "critic"]

@@ -252,3 +252,53 @@ def test_old_log_prob_auto_picks_the_update_only_where_it_is_exact(run_files, ov
 def test_old_log_prob_refuses_a_source_that_would_be_wrong(run_files, overrides, pattern):
     with pytest.raises(ConfigError, match=f"actor.old_log_prob=.*{pattern}"):
         grpo(run_files, *overrides)
+
+
+# ------------------------------------------------------------------ LoRA
+@pytest.mark.parametrize("overrides, expected", [
+    (("actor.lora.rank=8",), True),                                # the actor's base is the reference
+    (("actor.lora.rank=8", "ref.adapters_off=false"), False),      # a separate reference worker
+    (("actor.lora.rank=8", "+ref.dtype=bf16"), False),             # the reference differs from the base
+    ((), False),                                                   # full fine-tuning: a frozen copy
+])
+def test_the_lora_actor_serves_the_reference_only_when_it_is_the_same_model(run_files, overrides, expected):
+    s = grpo(run_files, *overrides)
+    assert s.reference_from_actor is expected
+    assert s.needs_reference  # grpo's KL loss reads it either way
+
+
+def test_lora_keys_reach_the_engine_and_the_reference_stays_full(run_files):
+    from hybridflow.workers.roles.common import engine_values
+
+    s = grpo(run_files, "actor.lora.rank=8", "actor.lora.alpha=32", "actor.lora.target_modules=[q_proj,v_proj]")
+    _, values = engine_values(s.actor)
+    assert (values["lora_rank"], values["lora_alpha"], list(values["lora_target_modules"])) == (8, 32.0, ["q_proj", "v_proj"])
+    assert "lora_rank" not in engine_values(s.reference_engine())[1]
+    assert "lora_rank" not in engine_values(grpo(run_files).actor)[1]  # rank 0: the engine's own default
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    (("actor.lora.rank=8", "actor.backend=megatron"), r"actor.lora.rank=8: the megatron engine has no LoRA"),
+    (("critic.lora.rank=4", "critic.backend=megatron"), r"critic.lora.rank=4: the megatron engine"),
+    (("actor.lora.rank=-1",), r"actor.lora: rank must be >= 0"),
+    (("actor.lora.rank=8", "actor.lora.dropout=1.5"), r"actor.lora: .*dropout"),
+    (("actor.lora.rank=8", "rollout.backend=static", "rollout.static.weights=copy"), r"rollout.static.weights=copy"),
+])
+def test_lora_settings_that_cannot_work_fail_with_the_key(run_files, overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        grpo(run_files, *overrides, recipe="ppo" if overrides[0].startswith("critic") else "grpo")
+
+
+def test_lora_without_peft_says_how_to_install_it(run_files, monkeypatch):
+    real = S.importlib.util.find_spec
+    monkeypatch.setattr(S.importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"actor.lora.rank=8 needs the peft library: pip install -e '.\[lora\]'"):
+        grpo(run_files, "actor.lora.rank=8")
+    assert grpo(run_files).actor.lora.rank == 0  # no LoRA: no peft needed
+
+
+def test_sft_and_reward_model_take_lora(tiny_ckpt):
+    sft = S.sft_settings(load_config(str(RECIPES / "sft.yaml"), ["optim.lora.rank=4"]))
+    assert sft.optim.uses_lora
+    with pytest.raises(ConfigError, match="optim.lora.rank=4: the megatron engine"):
+        S.reward_model_settings(load_config(str(RECIPES / "reward_model.yaml"), ["optim.lora.rank=4", "optim.backend=megatron"]))

@@ -1,7 +1,9 @@
 """One rank of the 2-process FSDP2 test (run by test_fsdp_distributed.py, torchrun-style env).
 
-argv: tiny checkpoint dir, work dir (holds batch.pt, prompts.pt; results go to rank<r>.pt).
+argv: tiny checkpoint dir, work dir (holds batch.pt, prompts.pt; results go to rank<r>.pt), and
+optionally a JSON object of extra engine options (the LoRA test's ``lora_rank``...).
 """
+import json
 import os
 import sys
 from datetime import timedelta
@@ -25,14 +27,14 @@ def full_params(engine):  # collective: every rank calls
     return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in engine.module.state_dict().items()}
 
 
-def main(ckpt, work):
+def main(ckpt, work, extra="{}"):
     dist.init_process_group("gloo", timeout=timedelta(seconds=90))
     rank = dist.get_rank()
     batch = torch.load(os.path.join(work, "batch.pt"), weights_only=False)
     prompts = torch.load(os.path.join(work, "prompts.pt"), weights_only=False)
     shard = batch[torch.tensor(SHARDS[rank])]
     engine = FSDPEngine({"model_path": ckpt, "lr": 1.0, "eps": 1.0, "weight_decay": 0.0, "grad_clip": None,
-                         "max_tokens_per_micro_batch": 11})
+                         "max_tokens_per_micro_batch": 11, **json.loads(extra)})
     res = {"world": engine.world_size, "forward": engine.forward(shard, temperature=0.7)["log_probs"]}
     res["metrics"] = engine.train_batch(shard, nll)
     res["params"] = full_params(engine)
@@ -58,9 +60,10 @@ def main(ckpt, work):
     res["dcp_gap"] = max(float((after[k] - again[k]).abs().max()) for k in after)
     engine.export_hf(os.path.join(work, "hf"))
     res["final_params"] = again
+    res["hf_weights"] = dict(engine.iter_hf_weights())  # collective; with LoRA the merged weights
     torch.save(res, os.path.join(work, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

@@ -103,6 +103,12 @@ class EngineConfig:
         work around the matmuls; the first micro-batch of each new shape pays the compile time.
         Same outputs up to float rounding. No gain on the CPU model of the benchmarks.
     seed (0): seeds the value-head initialisation.
+    lora_rank (0): > 0 trains LoRA adapters of this rank (Hu et al. 2021, "LoRA: Low-Rank
+        Adaptation of Large Language Models"; the ``peft`` library) on ``lora_target_modules``
+        (``all-linear``, or a list of module names) and keeps every other weight frozen:
+        ``W x + (alpha / r) · B A x``, ``B`` starting at 0, so the first forward is the base
+        model's. A value model also trains its new ``score`` head. lora_alpha (16.0),
+        lora_dropout (0.0).
     """
 
     model_path: Optional[str] = None
@@ -128,6 +134,10 @@ class EngineConfig:
     remove_padding: bool = False
     compile: bool = False
     seed: int = 0
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: Any = "all-linear"
 
     @classmethod
     def from_any(cls, config: Any = None, **overrides: Any) -> "EngineConfig":
@@ -166,6 +176,8 @@ class EngineConfig:
         needs_total = self.lr_schedule != "constant" or (self.warmup_ratio > 0 and not self.warmup_steps)
         if needs_total and not self.total_steps:
             raise ValueError(f"lr_schedule={self.lr_schedule!r} / warmup_ratio={self.warmup_ratio} needs total_steps")
+        if int(self.lora_rank) < 0:
+            raise ValueError(f"lora_rank must be >= 0 (0: no LoRA), got {self.lora_rank}")
         for key in ("micro_batch_size", "max_tokens_per_micro_batch", "forward_micro_batch_size",
                     "forward_max_tokens_per_micro_batch"):
             value = getattr(self, key)

@@ -31,7 +31,7 @@ import dataclasses
 import inspect
 import os
 import warnings
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -40,6 +40,7 @@ from tensordict import TensorDict
 
 from hybridflow.worker import init_distributed
 
+from . import lora
 from .base import EngineConfig, LossFn, TrainEngine, micro_batch_sizes
 from .ops import lr_factor, partition_micro_batches, token_log_probs
 
@@ -97,6 +98,9 @@ class FSDPEngine(TrainEngine):
         self._keeps_logits = "logits_to_keep" in inspect.signature(type(model).forward).parameters
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.lora = int(cfg.lora_rank) > 0
+        if self.lora:  # adapters before sharding: FSDP2 shards base and adapter weights alike
+            model = lora.add_adapters(model, cfg, value_model=cfg.model_type == "value")
         self.sharded = self._world > 1 or self._dtype != torch.float32 or cfg.shard_single_rank
         self._module = self._shard(model) if self.sharded else self._plain(model)
 
@@ -154,7 +158,9 @@ class FSDPEngine(TrainEngine):
             fully_shard(layer, **kw)
             if self.config.compile:  # the forward only: FSDP2's hooks around it stay eager
                 layer.forward = torch.compile(layer.forward)
-        fully_shard(model, **kw)
+        # with LoRA the HF model inside peft's wrapper is the root: PeftModel.generate calls it
+        # directly, and the root's hooks must run for its own (embedding, head) parameters
+        fully_shard(model.get_base_model() if lora.is_adapted(model) else model, **kw)
         return model
 
     # ------------------------------------------------------------------ handles
@@ -165,6 +171,20 @@ class FSDPEngine(TrainEngine):
     @property
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
+
+    def adapters_off(self):
+        """With LoRA, the base model's forward inside the block (the reference for free); else a no-op."""
+        return lora.adapters_off(self._module)
+
+    def iter_hf_weights(self, changed_only: bool = False) -> Iterator[Tuple[str, torch.Tensor]]:
+        """``(hf_name, full tensor)`` one at a time, for a rollout engine with its own weights (vLLM):
+        the state dict; with LoRA the adapters merged in, and ``changed_only`` the merged target
+        matrices alone (the only weights an update moves). Every rank must consume it."""
+        if self.lora:
+            yield from lora.merged_weights(self._module, changed_only)
+            return
+        for name, tensor in self._module.state_dict().items():
+            yield name, (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach()
 
     # ------------------------------------------------------------------ batches
     def _check_batch(self, batch: TensorDict) -> None:
@@ -406,6 +426,11 @@ class FSDPEngine(TrainEngine):
         (``config.architectures`` names it, not FSDP's wrapper class)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+        if self.lora:  # the merged model, and the adapter in path/adapter (workers/engines/lora.py)
+            lora.export(self._module, self.config, self._hf_class, path, self._rank, dtype, self._tokenizer)
+            if self._world > 1:
+                dist.barrier()
+            return
         state = get_model_state_dict(self._module,
                                      options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self._rank == 0:

@@ -73,6 +73,9 @@ class MegatronEngineConfig(EngineConfig):
             raise ValueError(f"megatron: tp and pp must be >= 1, got tp={self.tp} pp={self.pp}")
         if self.reshard not in RESHARD_MODES:
             raise ValueError(f"megatron: reshard must be one of {RESHARD_MODES}, got {self.reshard!r}")
+        if self.lora_rank:
+            raise ValueError("megatron: LoRA (lora.rank > 0) is not supported by the megatron engine; use the fsdp "
+                             "backend for LoRA (docs/backends.md#lora)")
         if self.compile:
             raise ValueError("megatron: compile=true is not supported (megatron-core brings its own fused "
                              "kernels with Transformer Engine); set compile=false for this role")

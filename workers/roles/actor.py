@@ -110,6 +110,18 @@ class ActorWorker(EngineStateMixin, Worker):
                 self._rollout_metrics.update(is_metrics)
         return result
 
+    @register(dispatch=Dispatch.MESH_PROTO, mesh="actor")
+    def compute_ref_log_prob(self, data: DataProto) -> DataProto:
+        """``ref_log_probs`` of the base model: the actor's module with its LoRA adapters off (the
+        reference for free, ``RLSettings.reference_from_actor``)."""
+        if not getattr(self.engine, "lora", False):
+            raise RuntimeError("ActorWorker.compute_ref_log_prob: the actor has no LoRA adapters to turn off; the "
+                               "reference is a ReferenceWorker (build_workers(..., 'ref'))")
+        with self.engine.adapters_off():
+            out = self.engine.forward(data.batch.select("input_ids", "attention_mask", "position_ids", "responses"),
+                                      temperature=self._temperature(data))
+        return DataProto.from_dict({"ref_log_probs": out["log_probs"]})
+
     def _temperature(self, data: DataProto) -> float:
         return float(data.meta_info.get("temperature", self.rollout_cfg.temperature))
 

@@ -16,7 +16,7 @@ from hybridflow.trainer.settings import ActorSettings, CriticSettings, RewardSet
 
 BACKENDS = {"fsdp": ("hybridflow.workers.engines.fsdp", "FSDPEngine", "FSDPEngineConfig"),
             "megatron": ("hybridflow.workers.engines.megatron", "MegatronEngine", "MegatronEngineConfig")}
-_OWN_FIELDS = ("backend", "megatron", "engine_options")  # TrainSettings fields that are no engine key
+_OWN_FIELDS = ("backend", "megatron", "engine_options", "lora")  # TrainSettings fields that are no engine key
 
 
 def _engine_classes(backend: str) -> tuple[type, type]:
@@ -47,6 +47,9 @@ def engine_values(settings: TrainSettings | RewardSettings | Mapping) -> tuple[s
         backend = settings.backend
         values = {f.name: getattr(settings, f.name) for f in dataclasses.fields(TrainSettings)
                   if f.name not in _OWN_FIELDS}
+        if settings.uses_lora:
+            values.update(lora_rank=settings.lora.rank, lora_alpha=settings.lora.alpha,
+                          lora_dropout=settings.lora.dropout, lora_target_modules=settings.lora.target_modules)
         layout = settings.megatron
         if backend == "megatron" and layout is not None:
             values.update(tp=layout.tp, pp=layout.pp, use_distributed_optimizer=layout.use_distributed_optimizer,

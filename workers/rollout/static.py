@@ -230,6 +230,9 @@ class StaticRollout(Rollout):
         if self.use_graph and weights == "shared" and _is_fsdp(module):
             raise ValueError("rollout.static.weights=shared cannot be captured in a CUDA graph on an FSDP2 module "
                              "(its all-gathers); use weights=auto/copy or rollout.static.cuda_graph=false")
+        if weights == "copy" and hasattr(module, "peft_config"):
+            raise ValueError("rollout.static.weights=copy cannot hold a LoRA-adapted module (actor.lora); use "
+                             "rollout.static.weights=shared (and rollout.static.cuda_graph=false) or rollout.backend=hf")
         self.gather_weights = weights == "copy"
         self._copy: Optional[torch.nn.Module] = None
         _check_supported(module)

@@ -87,11 +87,13 @@ def iter_full_weights(module: torch.nn.Module, stats: Optional[dict] = None) -> 
         yield name, tensor
 
 
-def _engine_weights(engine, stats: dict) -> Iterator[Tuple[str, torch.Tensor]]:
+def _engine_weights(engine, stats: dict, changed_only: bool = False) -> Iterator[Tuple[str, torch.Tensor]]:
     """The training engine's weights under Hugging Face names: its own ``iter_hf_weights()`` when
-    it has one (an engine whose module does not use HF names), else the module's state dict."""
+    it has one (an engine whose module does not use HF names, or a LoRA engine merging its
+    adapters; ``changed_only``: only what an update moves), else the module's state dict."""
     if hasattr(engine, "iter_hf_weights"):
-        for name, tensor in engine.iter_hf_weights():
+        weights = engine.iter_hf_weights(changed_only=True) if changed_only else engine.iter_hf_weights()
+        for name, tensor in weights:
             size = tensor.numel() * tensor.element_size()
             stats["bytes"] = stats.get("bytes", 0) + size
             stats["max_bytes"] = max(stats.get("max_bytes", 0), size)
@@ -140,6 +142,7 @@ class VLLMRollout(Rollout):
         self.llm = LLM(**kwargs)
         self.startup_s = time.perf_counter() - start
         self._asleep: set = set()  # tags currently asleep ("weights", "kv_cache")
+        self._synced_full = False  # a LoRA engine sends only its merged target matrices after the first sync
         self._reset_prefix = False
 
     @staticmethod
@@ -172,9 +175,14 @@ class VLLMRollout(Rollout):
 
     # ------------------------------------------------------------------ weights
     def sync_weights(self, engine) -> Dict[str, float]:
-        """Stream ``engine``'s current weights into the vLLM engine in place (module docstring)."""
+        """Stream ``engine``'s current weights into the vLLM engine in place (module docstring). A
+        LoRA engine sends everything (adapters merged) the first time, then only the merged target
+        matrices: the frozen base weights never change."""
         stats: dict = {}
-        return self.load_weights(_engine_weights(engine, stats), stats)
+        changed_only = bool(getattr(engine, "lora", False)) and self._synced_full
+        metrics = self.load_weights(_engine_weights(engine, stats, changed_only), stats)
+        self._synced_full = True
+        return metrics
 
     def load_weights(self, weights: Iterator[Tuple[str, torch.Tensor]],
                      stats: Optional[dict] = None) -> Dict[str, float]:
