@@ -31,8 +31,9 @@ real tokens/s (``attention_mask.sum()`` / time), the update's MFU ``6·N·real t
 peak`` (N as in rlhf_step: matmul parameters incl. the LM head; the peak from ``--peak-tflops``, a
 known GPU, or a fp32 matmul measured here on CPU), and the speed-up of each variant over the
 first; and the training state the update holds: trainable parameters, their gradients and the
-AdamW moments in MB (exact, the same on any device), plus on GPU the peak allocated memory of the
-update. Only the ratios of times are meaningful on a shared CPU.
+AdamW moments in MB (exact, the same on any device), plus the measured peak: on GPU the peak
+allocated memory of the updates, on Linux CPU the peak RSS above the RSS before the engine was
+built (``peak_rss_gain_gib``: weights, training state, activations and allocator slack). Only the ratios of times are meaningful on a shared CPU.
 """
 from __future__ import annotations
 
@@ -44,6 +45,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from typing import Optional
 
 import torch
 import yaml
@@ -91,10 +94,31 @@ def _mb(tensors) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 1e6
 
 
+def _rss_kib(field: str) -> Optional[int]:
+    """``VmRSS`` / ``VmHWM`` (peak) of this process in KiB (Linux), else None."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(line.split()[1] for line in f if line.startswith(field + ":")))
+    except (OSError, StopIteration):
+        return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset ``VmHWM`` to the current RSS (Linux: ``/proc/self/clear_refs``); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def time_updates(ckpt: str, batch: TensorDict, engine_cfg: dict, steps: int) -> tuple[list, dict]:
     """Seconds of ``steps`` timed ``train_batch`` calls (after one untimed), and the training state."""
     from hybridflow.workers.engines.fsdp import FSDPEngine
 
+    gc.collect()
+    rss_before, peak_reset = _rss_kib("VmRSS"), _reset_peak_rss()
     engine = FSDPEngine({"model_path": ckpt, "lr": 1e-6, **engine_cfg})
     cuda = engine.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -115,6 +139,8 @@ def time_updates(ckpt: str, batch: TensorDict, engine_cfg: dict, steps: int) -> 
                                         if torch.is_tensor(t) and t.dim() > 0)}
     if cuda:
         memory["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    elif peak_reset and rss_before is not None:  # the variant's own peak: engine build + updates
+        memory["peak_rss_gain_gib"] = (_rss_kib("VmHWM") - rss_before) / 2 ** 20
     del engine, trainable
     gc.collect()  # free this variant's model and optimizer before the next one is built
     if cuda:
@@ -176,12 +202,13 @@ def main(argv=None) -> dict:
               "variants": results}
     first = results[args.variants[0]]["update_s"]
     print(f"| variant | update s | real tokens/s | update MFU | speed-up vs {args.variants[0]} "
-          "| trainable params | grads + AdamW MB |")
-    print("|---|---|---|---|---|---|---|")
+          "| trainable params | grads + AdamW MB | peak RSS gain GiB |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         r["speedup"] = first / r["update_s"]
         print(f"| {name} | {r['update_s']:.3f} | {r['real_tokens_per_s']:.0f} | {100 * r['update_mfu']:.2f}% "
-              f"| {r['speedup']:.2f}x | {r['trainable_params']:,} | {r['grads_mb'] + r['optimizer_state_mb']:.1f} |")
+              f"| {r['speedup']:.2f}x | {r['trainable_params']:,} | {r['grads_mb'] + r['optimizer_state_mb']:.1f} "
+              f"| {r.get('peak_rss_gain_gib', float('nan')):.2f} |")
     print(f"padding: {100 * report['meta']['padding_fraction']:.0f}% of the grid")
     write_report(report, args.out)
     return report

@@ -160,6 +160,7 @@ class VLLMSettings:
     enforce_eager: bool
     dtype: str
     cache_dir: Optional[str]              # None: resolved to <trainer.run_dir>/vllm_cache
+    lora: Literal["merged", "adapter"]    # a LoRA actor: merged weights, or vLLM's own adapter loading
 
 
 @_settings
@@ -522,6 +523,9 @@ def rl_settings(cfg: Any, *, check_data: bool = True) -> RLSettings:
     for name, role in (("actor", s.actor), ("critic", s.critic), ("cost_critic", s.cost_critic)):
         if role is not None:
             check_lora(name, role)
+    if s.rollout.backend == "vllm" and s.rollout.vllm.lora == "adapter" and not s.actor.uses_lora:
+        raise ConfigError("rollout.vllm.lora=adapter loads the actor's LoRA adapters into vLLM; set actor.lora.rank > 0 "
+                          "or rollout.vllm.lora=merged (docs/backends.md#lora)")
     if s.actor.uses_lora and s.rollout.backend == "static" and s.rollout.static.weights == "copy":
         raise ConfigError("rollout.static.weights=copy cannot hold a LoRA-adapted actor; use shared or auto")
     if s.actor.backend == "megatron" and s.rollout.backend == "static":

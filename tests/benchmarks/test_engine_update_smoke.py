@@ -63,3 +63,4 @@ def test_lora_variants_report_the_training_state_they_save():
     # LoRA: A (r x in) and B (out x r) per linear layer; 4 bytes each, 1 gradient + 2 moments
     assert lora["optimizer_state_mb"] == pytest.approx(2 * lora["trainable_params"] * 4 / 1e6)
     assert lora["params_mb"] > full["params_mb"]  # the adapters come on top of the frozen base
+    assert full["peak_rss_gain_gib"] > 0 and lora["peak_rss_gain_gib"] > 0  # measured per variant (Linux)

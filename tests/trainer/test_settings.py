@@ -283,6 +283,8 @@ def test_lora_keys_reach_the_engine_and_the_reference_stays_full(run_files):
     (("actor.lora.rank=-1",), r"actor.lora: rank must be >= 0"),
     (("actor.lora.rank=8", "actor.lora.dropout=1.5"), r"actor.lora: .*dropout"),
     (("actor.lora.rank=8", "rollout.backend=static", "rollout.static.weights=copy"), r"rollout.static.weights=copy"),
+    (("rollout.backend=vllm", "rollout.vllm.lora=adapter"), r"rollout.vllm.lora=adapter loads the actor's LoRA"),
+    (("actor.lora.rank=8", "rollout.vllm.lora=both"), r"rollout.vllm.lora"),
 ])
 def test_lora_settings_that_cannot_work_fail_with_the_key(run_files, overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):

@@ -201,11 +201,12 @@ def test_grpo_with_a_megatron_actor_and_vllm(vllm_quickstart, tmp_path):
 
 
 @pytest.mark.lora
-def test_grpo_with_a_lora_actor_and_vllm(vllm_quickstart, tmp_path):
-    """actor.lora + rollout.backend=vllm: after every update vLLM gets the adapters merged into
-    its weights (W + (alpha/r)·BA), so its sampling log-probs equal the adapted trainer's; after the
-    first sync only the merged target matrices travel (embeddings and norms are frozen). In its
-    own process: one vLLM engine per process (see conftest)."""
+@pytest.mark.parametrize("mode", ["merged", "adapter"])
+def test_grpo_with_a_lora_actor_and_vllm(vllm_quickstart, tmp_path, mode):
+    """actor.lora + rollout.backend=vllm: after every update vLLM gets the adapters, merged into
+    its weights (W + (alpha/r)·BA: after the first sync only the merged target matrices travel)
+    or as an adapter that vLLM applies itself (A and B only), and its sampling log-probs equal
+    the adapted trainer's. In its own process: one vLLM engine per process (see conftest)."""
     import os
     import subprocess
     import sys
@@ -214,8 +215,8 @@ def test_grpo_with_a_lora_actor_and_vllm(vllm_quickstart, tmp_path):
 
     run_dir = tmp_path / "run"
     cmd = [sys.executable, str(REPO / "recipes" / "grpo.py"), *vllm_quickstart, "executor=inprocess",
-           "actor.lora.rank=8", "actor.lr=5e-3", "rollout.backend=vllm", "trainer.steps=4", f"trainer.run_dir={run_dir}",
-           "trainer.val_every=0", "trainer.val_before_train=false", "trainer.plot=false"]
+           "actor.lora.rank=8", "actor.lr=5e-3", "rollout.backend=vllm", f"rollout.vllm.lora={mode}", "trainer.steps=4",
+           f"trainer.run_dir={run_dir}", "trainer.val_every=0", "trainer.val_before_train=false", "trainer.plot=false"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     rows = metric_rows(run_dir)
@@ -224,5 +225,9 @@ def test_grpo_with_a_lora_actor_and_vllm(vllm_quickstart, tmp_path):
     for row in rows:  # steps 2-4 sample from adapted weights synced after an update
         assert row["rollout_corr/log_prob_abs_diff_max"] < FP32_TOL, row
     base = AutoModelForCausalLM.from_pretrained(dict(a.split("=", 1) for a in vllm_quickstart)["model.path"])
-    targets = sum(p.numel() * 4 for n, p in base.named_parameters() if n.endswith("_proj.weight")) / 1e6
-    assert [r["rollout/weight_sync_mb"] for r in rows[1:]] == [pytest.approx(targets)] * 3
+    targets = [p.shape for n, p in base.named_parameters() if n.endswith("_proj.weight")]
+    if mode == "merged":
+        sent = sum(out * inp * 4 for out, inp in targets) / 1e6
+    else:  # A (r x in) and B (out x r), float32
+        sent = sum(8 * (out + inp) * 4 for out, inp in targets) / 1e6
+    assert [r["rollout/weight_sync_mb"] for r in rows[1:]] == [pytest.approx(sent)] * 3

@@ -186,6 +186,13 @@ class FSDPEngine(TrainEngine):
         for name, tensor in self._module.state_dict().items():
             yield name, (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach()
 
+    def save_adapter(self, path: str) -> int:
+        """LoRA only: the PEFT adapter directory at ``path`` on every rank (the gather is
+        collective: every rank calls, each with its own ``path``); returns the bytes written."""
+        if not self.lora:
+            raise RuntimeError("FSDPEngine.save_adapter: this engine has no LoRA adapters (lora_rank=0)")
+        return lora.save_adapter(self._module, self.config, path)
+
     # ------------------------------------------------------------------ batches
     def _check_batch(self, batch: TensorDict) -> None:
         missing = [k for k in ("input_ids", "attention_mask") if k not in batch.keys()]

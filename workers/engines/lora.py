@@ -12,6 +12,7 @@ checkpoint from disk plus the adapters).
 - :func:`merged_weights`: ``(hf_name, W + (alpha / r) · B A)`` of the adapted module, one tensor at a
   time (FSDP2 shards gathered one by one), for a rollout engine with its own weights (vLLM):
   ``changed_only`` yields the merged target matrices alone, all that moves after an update;
+- :func:`save_adapter`: the PEFT adapter directory alone (for vLLM's own LoRA loading);
 - :func:`export`: a merged HF checkpoint that plain transformers loads, and the PEFT adapter
   directory (``<path>/adapter``) that ``peft.PeftModel.from_pretrained`` loads onto the base.
 """
@@ -98,17 +99,41 @@ def merged_weights(module: torch.nn.Module, changed_only: bool = False) -> Itera
         yield hf_name(name), _full(tensor)
 
 
+def adapter_state(module: torch.nn.Module) -> dict:
+    """The adapter weights (``lora_A``/``lora_B``, a value model's ``score`` head) as full CPU
+    tensors under the module's names; collective when FSDP2-sharded (every rank calls)."""
+    return {name: _full(t).cpu() for name, t in module.state_dict().items()
+            if ".lora_" in name or ".modules_to_save." in name}
+
+
+def save_adapter(module: torch.nn.Module, cfg, path: str, state: dict | None = None) -> int:
+    """Write the PEFT adapter directory at ``path`` (``adapter_config.json`` and
+    ``adapter_model.safetensors``, what ``peft.PeftModel.from_pretrained`` and vLLM's LoRA loader
+    read) from ``state`` (default: :func:`adapter_state`, collective); returns the bytes written."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    state = adapter_state(module) if state is None else state
+    tensors = {k: v.contiguous() for k, v in get_peft_model_state_dict(module, state_dict=state).items()}
+    os.makedirs(path, exist_ok=True)
+    config = module.peft_config["default"]
+    config.base_model_name_or_path = str(cfg.model_path)
+    config.save_pretrained(path)
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def export(module: torch.nn.Module, cfg, hf_class: type, path: str, rank: int, dtype=None, tokenizer=None) -> None:
     """Write the merged HF checkpoint to ``path`` and the PEFT adapter to ``path/adapter`` (rank 0
     writes; every rank calls: the adapter weights are gathered). The base comes from
     ``cfg.model_path`` on disk, unchanged by training."""
     peft = _peft()
-    adapter = {name: _full(t).cpu() for name, t in module.state_dict().items()
-               if ".lora_" in name or ".modules_to_save." in name}
+    adapter = adapter_state(module)
     if rank != 0:
         return
     from transformers import AutoConfig
 
+    save_adapter(module, cfg, os.path.join(path, ADAPTER_DIR), adapter)
     hf_config = AutoConfig.from_pretrained(cfg.model_path, trust_remote_code=cfg.trust_remote_code)
     if cfg.model_type == "value":
         hf_config.num_labels, hf_config.classifier_dropout = 1, 0.0
@@ -117,7 +142,6 @@ def export(module: torch.nn.Module, cfg, hf_class: type, path: str, rank: int, d
     missing = adapted.load_state_dict(adapter, strict=False).unexpected_keys
     if missing:
         raise RuntimeError(f"LoRA export: adapter weights without a place in the model: {missing[:4]}")
-    adapted.save_pretrained(os.path.join(path, ADAPTER_DIR))
     merged = adapted.merge_and_unload()
     if dtype is not None:
         merged = merged.to(dtype)

